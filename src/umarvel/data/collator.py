@@ -1,0 +1,140 @@
+"""Records -> backbone inputs plus an explicit boolean `pooling_mask`.
+
+Every item is rendered with the backbone's own chat template as a single user turn: images first, then
+the text, where a query's text is `format_string(f"{instruction} {text}")` (M-BEIR protocol). No
+generation prompt and no assistant turn are added, in training and at inference alike.
+
+Pooling mask: every non-padding token, system prompt and template tokens included (as in the paper's
+code), except the instruction span when instruction masking is on. The instruction still shapes the
+other tokens through attention; it is only left out of the average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from umarvel.data.io import InputError
+from umarvel.data.text import format_string
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One thing to embed, with its image already loaded."""
+
+    text: str | None = None
+    image: Image.Image | None = None
+    instruction: str | None = None
+    where: str | None = None  # "file:line" for error messages
+
+
+@dataclass
+class EncodedBatch:
+    """Backbone inputs (everything the processor returned) and the pooling mask (B, L)."""
+
+    inputs: dict[str, torch.Tensor]
+    pooling_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> EncodedBatch:
+        return EncodedBatch(
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()},
+            self.pooling_mask.to(device),
+        )
+
+
+class Collator:
+    """Builds backbone inputs for a list of `EncodeItem`s.
+
+    Args:
+        processor: the backbone's processor (a transformers processor or `ComposedProcessor`).
+        nested_images: the processor wants one image list per sample (Idefics3 / SmolVLM).
+        mask_instruction: leave the instruction span out of the pooling mask.
+        max_text_tokens: the item text (instruction included) is cut to this many tokens.
+        format_text: apply M-BEIR's `format_string` to texts.
+    """
+
+    def __init__(self, processor: Any, nested_images: bool = False, mask_instruction: bool = True,
+                 max_text_tokens: int = 480, format_text: bool = True) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.nested_images = nested_images
+        self.mask_instruction = mask_instruction
+        self.max_text_tokens = max_text_tokens
+        self.format_text = format_text
+
+    def compose_text(self, item: EncodeItem) -> tuple[str, int]:
+        """The item's text and the number of leading characters that belong to the instruction."""
+        text = (item.text or "").strip()
+        instruction = (item.instruction or "").strip()
+        if not text and item.image is None:
+            raise InputError(item.where, "empty item: no text and no image (an instruction alone is not "
+                             "something to retrieve with)")
+        joined = f"{instruction} {text}".strip() if instruction else text
+        if self.format_text:
+            joined = format_string(joined)
+        joined = self._truncate(joined)
+        instruction_chars = min(len(instruction), len(joined)) if instruction else 0
+        return joined, instruction_chars
+
+    def _truncate(self, text: str) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_text_tokens:
+            return text
+        return self.tokenizer.decode(ids[: self.max_text_tokens])
+
+    def render(self, item: EncodeItem) -> tuple[str, tuple[int, int] | None]:
+        """Chat-template text for one item, and the instruction span counted from the string's end."""
+        text, instruction_chars = self.compose_text(item)
+        content: list[dict[str, str]] = []
+        if item.image is not None:
+            content.append({"type": "image"})
+        if text:
+            content.append({"type": "text", "text": text})
+        rendered = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=False
+        )
+        if not instruction_chars:
+            return rendered, None
+        start = rendered.rfind(text)
+        if start < 0:
+            raise RuntimeError("the chat template altered the item text; cannot locate the instruction")
+        # Distances from the end survive the processor's expansion of image placeholders, which all
+        # come before the text.
+        return rendered, (len(rendered) - start, len(rendered) - start - instruction_chars)
+
+    def __call__(self, items: Sequence[EncodeItem]) -> EncodedBatch:
+        rendered, spans = zip(*(self.render(item) for item in items), strict=True)
+        images = [item.image for item in items if item.image is not None]
+        kwargs: dict[str, Any] = {}
+        if images:
+            kwargs["images"] = (
+                [[item.image] if item.image is not None else [] for item in items]
+                if self.nested_images
+                else images
+            )
+        encoding = self.processor(
+            text=list(rendered), padding=True, return_tensors="pt", return_offsets_mapping=True, **kwargs
+        )
+        offsets = encoding.pop("offset_mapping")  # (B, L, 2)
+        attention = encoding["attention_mask"].bool()  # (B, L)
+        pooling_mask = attention.clone()
+        if self.mask_instruction:
+            pooling_mask &= ~self._instruction_mask(offsets, attention, spans)
+        return EncodedBatch(dict(encoding), pooling_mask)
+
+    @staticmethod
+    def _instruction_mask(offsets: torch.Tensor, attention: torch.Tensor,
+                          spans: Sequence[tuple[int, int] | None]) -> torch.Tensor:
+        mask = torch.zeros_like(attention)
+        for row, span in enumerate(spans):
+            if span is None:
+                continue
+            starts, ends = offsets[row, :, 0], offsets[row, :, 1]  # (L,)
+            length = int(ends[attention[row]].max())  # characters in the expanded text
+            lo, hi = length - span[0], length - span[1]
+            mask[row] = attention[row] & (ends > starts) & (starts < hi) & (ends > lo)
+        return mask

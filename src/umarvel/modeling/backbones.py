@@ -1,0 +1,248 @@
+"""Backbone registry: one entry per multimodal LLM family, and loading of any model name we accept.
+
+A model name is `offline` (the composed EfficientNet-Lite0 + SmolLM2 backbone), `tiny:<family>`
+(random weights, for tests), a checkpoint folder written by umarvel, or a hub id / local folder of a
+registered family.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "umarvel_backbone.json"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What umarvel needs to know about one family.
+
+    Attributes:
+        family: registry key, also accepted as `tiny:<family>`.
+        model_types: transformers `model_type` values that map to this family.
+        model_class: import path of the base model (no LM head) used for embedding.
+        processor_class: import path of the processor.
+        hub_ids: known checkpoints, largest last.
+        vision_module / projector_module / language_module: submodule names inside the base model;
+            they drive freezing and LoRA targets.
+        min_transformers: oldest transformers release whose classes we tested.
+        bidirectional_validated: whether `set_attention_mode` is covered by tests for this family.
+        nested_images: the processor wants one image list per sample rather than a flat list.
+        tiny: import path of a builder returning (model, processor) with random tiny weights.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    model_class: str
+    processor_class: str
+    hub_ids: tuple[str, ...]
+    vision_module: str
+    projector_module: str
+    language_module: str
+    min_transformers: str
+    bidirectional_validated: bool
+    nested_images: bool
+    tiny: str
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.family: spec
+    for spec in (
+        BackboneSpec(
+            family="qwen2_vl",
+            model_types=("qwen2_vl",),
+            model_class="transformers.Qwen2VLModel",
+            processor_class="transformers.Qwen2VLProcessor",
+            hub_ids=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
+            vision_module="visual",
+            projector_module="visual.merger",
+            language_module="language_model",
+            min_transformers="5.0",
+            bidirectional_validated=True,
+            nested_images=False,
+            tiny="umarvel.modeling.tiny:build_tiny_qwen2_vl",
+        ),
+        BackboneSpec(
+            family="qwen2_5_vl",
+            model_types=("qwen2_5_vl",),
+            model_class="transformers.Qwen2_5_VLModel",
+            processor_class="transformers.Qwen2_5_VLProcessor",
+            hub_ids=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+            vision_module="visual",
+            projector_module="visual.merger",
+            language_module="language_model",
+            min_transformers="5.0",
+            bidirectional_validated=True,
+            nested_images=False,
+            tiny="umarvel.modeling.tiny:build_tiny_qwen2_5_vl",
+        ),
+        BackboneSpec(
+            family="qwen3_vl",
+            model_types=("qwen3_vl",),
+            model_class="transformers.Qwen3VLModel",
+            processor_class="transformers.Qwen3VLProcessor",
+            hub_ids=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
+            vision_module="visual",
+            projector_module="visual.merger",
+            language_module="language_model",
+            min_transformers="5.0",
+            bidirectional_validated=True,
+            nested_images=False,
+            tiny="umarvel.modeling.tiny:build_tiny_qwen3_vl",
+        ),
+        BackboneSpec(
+            family="smolvlm",
+            model_types=("idefics3",),
+            model_class="transformers.Idefics3Model",
+            processor_class="transformers.Idefics3Processor",
+            hub_ids=(
+                "HuggingFaceTB/SmolVLM-256M-Instruct",
+                "HuggingFaceTB/SmolVLM-500M-Instruct",
+                "HuggingFaceTB/SmolVLM-Instruct",
+            ),
+            vision_module="vision_model",
+            projector_module="connector",
+            language_module="text_model",
+            min_transformers="5.0",
+            bidirectional_validated=True,
+            nested_images=True,
+            tiny="umarvel.modeling.tiny:build_tiny_smolvlm",
+        ),
+        BackboneSpec(
+            family="composed",
+            model_types=("umarvel_composed",),
+            model_class="umarvel.modeling.composed.ComposedModel",
+            processor_class="umarvel.modeling.composed.ComposedProcessor",
+            hub_ids=(),
+            vision_module="vision_tower",
+            projector_module="projector",
+            language_module="language_model",
+            min_transformers="5.0",
+            bidirectional_validated=True,
+            nested_images=False,
+            tiny="umarvel.modeling.composed:build_tiny_composed",
+        ),
+    )
+}
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def spec_for_model_type(model_type: str) -> BackboneSpec:
+    for spec in REGISTRY.values():
+        if model_type in spec.model_types:
+            return spec
+    known = sorted(t for s in REGISTRY.values() for t in s.model_types)
+    raise ValueError(f"model_type {model_type!r} is not a registered backbone family (known: {known})")
+
+
+def get_spec(family: str) -> BackboneSpec:
+    if family not in REGISTRY:
+        raise ValueError(f"unknown backbone family {family!r}; registered: {sorted(REGISTRY)}")
+    spec = REGISTRY[family]
+    if Version(transformers.__version__) < Version(spec.min_transformers):
+        raise RuntimeError(
+            f"family {family} needs transformers>={spec.min_transformers}, found {transformers.__version__}"
+        )
+    return spec
+
+
+@dataclass
+class Backbone:
+    """A loaded base model, its processor and its registry entry."""
+
+    model: nn.Module
+    processor: Any
+    spec: BackboneSpec
+    source: str
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.language_module)
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.language_model.config
+        return int(config.hidden_size)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last-layer hidden states (B, L, H) for processor outputs `inputs`."""
+        return self.model(**inputs, use_cache=False).last_hidden_state
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+        (directory / CHECKPOINT_FILE).write_text(
+            json.dumps({"family": self.spec.family, "source": self.source}, indent=2)
+        )
+
+
+def _tiny(family: str) -> tuple[nn.Module, Any]:
+    builder = _import(get_spec(family).tiny)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return builder()
+
+
+def load_backbone(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    visual_tokens: int = 16,
+) -> Backbone:
+    """Load a backbone by name (see module docstring); weights in `dtype`, attention kernel as given."""
+    if name == "offline":
+        from umarvel.modeling.composed import build_offline
+
+        model, processor = build_offline(visual_tokens=visual_tokens, attn_implementation=attn_implementation)
+        spec = get_spec("composed")
+    elif name.startswith("tiny:"):
+        spec = get_spec(name.removeprefix("tiny:"))
+        model, processor = _tiny(spec.family)
+        model.set_attn_implementation(attn_implementation)
+    else:
+        model, processor, spec = _load_pretrained(name, dtype, attn_implementation)
+    model = model.to(dtype).eval()
+    return Backbone(model=model, processor=processor, spec=spec, source=name)
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) -> tuple[nn.Module, Any,
+                                                                                    BackboneSpec]:
+    from transformers import AutoConfig, AutoProcessor
+
+    path = Path(name)
+    if (path / CHECKPOINT_FILE).is_file():
+        spec = get_spec(json.loads((path / CHECKPOINT_FILE).read_text())["family"])
+    else:
+        if not path.exists() and name.count("/") != 1:
+            raise ValueError(
+                f"model {name!r} is neither 'offline', 'tiny:<family>', an existing folder, nor a hub id "
+                "('owner/name')"
+            )
+        spec = spec_for_model_type(AutoConfig.from_pretrained(name).model_type)
+    model_class = _import(spec.model_class)
+    logger.info("loading %s (%s) in %s with %s attention", name, spec.family, dtype, attn_implementation)
+    model = model_class.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+    if spec.family == "composed":
+        processor = _import(spec.processor_class).from_pretrained(name)
+    else:
+        processor = AutoProcessor.from_pretrained(name)
+        processor.tokenizer.padding_side = "right"
+    return model, processor, spec

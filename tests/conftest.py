@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random backbones of every family, built offline, and the mini M-BEIR tree."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "composed"]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def mini_mbeir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from umarvel.data.mini_mbeir import build_mini_mbeir
+
+    return build_mini_mbeir(tmp_path_factory.mktemp("mini") / "M-BEIR")
+
+
+def shared_data_or_skip(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data folder {path} is absent (it lives in ../shared/data beside the repo)")
+    return path
