@@ -28,7 +28,9 @@ def _first_token_states(embedder: Embedder, last_word: str, padded: bool) -> tor
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_bidirectional_mode_lets_the_first_token_see_the_last(family: str, kernel: str, padded: bool) -> None:
-    embedder = Embedder.from_pretrained(f"tiny:{family}", attn_implementation=kernel, attention="bidirectional")
+    embedder = Embedder.from_pretrained(
+        f"tiny:{family}", attn_implementation=kernel, attention="bidirectional"
+    )
     assert attention_mode(embedder.backbone.language_model) == "bidirectional"
     a = _first_token_states(embedder, "cat", padded)
     b = _first_token_states(embedder, "dog", padded)

@@ -100,8 +100,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = (),
-                cls: type[T] = RunConfig) -> T:  # type: ignore[assignment]
+def load_config(
+    recipe: str | Path | None = None, overrides: Sequence[str] = (), cls: type[T] = RunConfig
+) -> T:  # type: ignore[assignment]
     """Read a YAML recipe (only the keys that differ from the defaults), apply overrides, validate."""
     data: dict[str, Any] = {}
     if recipe is not None:

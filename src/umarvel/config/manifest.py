@@ -51,21 +51,33 @@ def git_commit() -> str | None:
     """Commit of the umarvel source tree, when it is a git checkout."""
     source = Path(umarvel.__file__).resolve().parent
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
-                                timeout=5, check=False)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if result.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                           capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
+    ).stdout.strip()
     return result.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def write_manifest(output_dir: str | Path, command: str, config: Any,
-                   inputs: Mapping[str, str | Path] | None = None,
-                   extra: Mapping[str, Any] | None = None) -> Path:
-    """Write `output_dir/manifest.json` atomically and return its path."""
+def write_manifest(
+    output_dir: str | Path,
+    command: str,
+    config: Any,
+    inputs: Mapping[str, str | Path] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    filename: str = MANIFEST,
+) -> Path:
+    """Write `output_dir/<filename>` (default manifest.json) atomically and return its path."""
     resolved = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     manifest = {
         "command": command,
@@ -77,6 +89,6 @@ def write_manifest(output_dir: str | Path, command: str, config: Any,
         "inputs": {name: fingerprint(path) for name, path in (inputs or {}).items()},
         **(extra or {}),
     }
-    path = Path(output_dir) / MANIFEST
+    path = Path(output_dir) / filename
     write_json(path, manifest)
     return path

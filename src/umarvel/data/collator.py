@@ -57,8 +57,14 @@ class Collator:
         format_text: apply M-BEIR's `format_string` to texts.
     """
 
-    def __init__(self, processor: Any, nested_images: bool = False, mask_instruction: bool = True,
-                 max_text_tokens: int = 480, format_text: bool = True) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        nested_images: bool = False,
+        mask_instruction: bool = True,
+        max_text_tokens: int = 480,
+        format_text: bool = True,
+    ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.nested_images = nested_images
@@ -71,8 +77,10 @@ class Collator:
         text = (item.text or "").strip()
         instruction = (item.instruction or "").strip()
         if not text and item.image is None:
-            raise InputError(item.where, "empty item: no text and no image (an instruction alone is not "
-                             "something to retrieve with)")
+            raise InputError(
+                item.where,
+                "empty item: no text and no image (an instruction alone is not something to retrieve with)",
+            )
         joined = f"{instruction} {text}".strip() if instruction else text
         if self.format_text:
             joined = format_string(joined)
@@ -127,8 +135,9 @@ class Collator:
         return EncodedBatch(dict(encoding), pooling_mask)
 
     @staticmethod
-    def _instruction_mask(offsets: torch.Tensor, attention: torch.Tensor,
-                          spans: Sequence[tuple[int, int] | None]) -> torch.Tensor:
+    def _instruction_mask(
+        offsets: torch.Tensor, attention: torch.Tensor, spans: Sequence[tuple[int, int] | None]
+    ) -> torch.Tensor:
         mask = torch.zeros_like(attention)
         for row, span in enumerate(spans):
             if span is None:

@@ -25,42 +25,82 @@ from umarvel.data.records import Modality
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-CLOTHING_CLASSES = ("dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt",
-                    "t-shirt")
+CLOTHING_CLASSES = (
+    "dress",
+    "hat",
+    "longsleeve",
+    "outwear",
+    "pants",
+    "shirt",
+    "shoes",
+    "shorts",
+    "skirt",
+    "t-shirt",
+)
 
 INSTRUCTIONS = {
-    ("mscoco", 0): ("Find me an everyday image that matches the given caption.",
-                    "Retrieve the photo this caption describes.", "Show me a picture of the scene described.",
-                    "Identify the everyday image that fits this description."),
-    ("mscoco", 3): ("Find an image caption describing the following everyday image.",
-                    "Write down a caption that matches this photo.", "Retrieve a description of this image.",
-                    "Which caption describes this everyday photo?"),
-    ("webqa", 1): ("Retrieve a scientific abstract that supports or refutes this claim.",
-                   "Find the paper abstract relevant to the following claim.",
-                   "Which study abstract gives evidence about this claim?", ""),
-    ("edis", 2): ("Find a captioned photo that shows the described scene.",
-                  "Retrieve an image with its caption that matches this description.",
-                  "Identify the photo and caption pair for this text.", ""),
-    ("nights", 4): ("Find a clothing photo of the same kind of garment.",
-                    "Retrieve a similar clothing item to the one shown.",
-                    "Show me another photo of this type of garment.", ""),
-    ("oven", 6): ("Answer with a caption describing what is happening in this photo.",
-                  "Retrieve a description that answers the question about the image.",
-                  "Find the text that answers the question about this photo.", ""),
-    ("fashioniq", 7): ("Find the clothing item that matches the requested change to the shown garment.",
-                       "Retrieve a garment photo that applies the described modification.",
-                       "Show me the item described by the change to this one.", ""),
+    ("mscoco", 0): (
+        "Find me an everyday image that matches the given caption.",
+        "Retrieve the photo this caption describes.",
+        "Show me a picture of the scene described.",
+        "Identify the everyday image that fits this description.",
+    ),
+    ("mscoco", 3): (
+        "Find an image caption describing the following everyday image.",
+        "Write down a caption that matches this photo.",
+        "Retrieve a description of this image.",
+        "Which caption describes this everyday photo?",
+    ),
+    ("webqa", 1): (
+        "Retrieve a scientific abstract that supports or refutes this claim.",
+        "Find the paper abstract relevant to the following claim.",
+        "Which study abstract gives evidence about this claim?",
+        "",
+    ),
+    ("edis", 2): (
+        "Find a captioned photo that shows the described scene.",
+        "Retrieve an image with its caption that matches this description.",
+        "Identify the photo and caption pair for this text.",
+        "",
+    ),
+    ("nights", 4): (
+        "Find a clothing photo of the same kind of garment.",
+        "Retrieve a similar clothing item to the one shown.",
+        "Show me another photo of this type of garment.",
+        "",
+    ),
+    ("oven", 6): (
+        "Answer with a caption describing what is happening in this photo.",
+        "Retrieve a description that answers the question about the image.",
+        "Find the text that answers the question about this photo.",
+        "",
+    ),
+    ("fashioniq", 7): (
+        "Find the clothing item that matches the requested change to the shown garment.",
+        "Retrieve a garment photo that applies the described modification.",
+        "Show me the item described by the change to this one.",
+        "",
+    ),
 }
 
 ROW_NOTES = {
     ("mscoco", 0): "real: Flickr8k and COCO captions -> their photos",
     ("mscoco", 3): "real: Flickr8k and COCO photos -> their five human captions",
     ("webqa", 1): "real: SciFact claims -> the abstracts in their qrels (plus distractor abstracts)",
-    ("edis", 2): "real texts, composed pairing: a Flickr8k caption -> (the same photo + another of its captions)",
-    ("nights", 4): "semi-synthetic: clothing photo -> every photo of the same garment class (class-level relevance)",
+    (
+        "edis",
+        2,
+    ): "real texts, composed pairing: a Flickr8k caption -> (the same photo + another of its captions)",
+    (
+        "nights",
+        4,
+    ): "semi-synthetic: clothing photo -> every photo of the same garment class (class-level relevance)",
     ("oven", 6): "semi-synthetic: Flickr8k photo + a templated question -> its human captions",
-    ("fashioniq", 7): "semi-synthetic: clothing photo + templated modification text ('as a skirt instead') -> "
-                      "photos of the target class",
+    (
+        "fashioniq",
+        7,
+    ): "semi-synthetic: clothing photo + templated modification text ('as a skirt instead') -> "
+    "photos of the target class",
 }
 QUESTIONS = ("What is happening in this photo?", "What does this picture show?", "Describe the scene.")
 
@@ -88,15 +128,24 @@ class _Bench:
     def candidate(self, row: Row, split: str, text: str | None, image: str | None) -> str:
         did = self.new_id(row.dataset, "did")
         modality = row.candidate_modality
-        self.pools[(row, split)].append({"did": did, "txt": text, "img_path": image, "modality": modality.value,
-                                         "src_content": None})
+        self.pools[(row, split)].append(
+            {"did": did, "txt": text, "img_path": image, "modality": modality.value, "src_content": None}
+        )
         return did
 
     def query(self, row: Row, split: str, text: str | None, image: str | None, positives: list[str]) -> None:
-        self.queries[(row, split)].append({
-            "qid": self.new_id(row.dataset, "qid"), "query_txt": text, "query_img_path": image,
-            "query_modality": row.query_modality.value, "query_src_content": None,
-            "pos_cand_list": positives, "neg_cand_list": [], "task_id": row.task_id})
+        self.queries[(row, split)].append(
+            {
+                "qid": self.new_id(row.dataset, "qid"),
+                "query_txt": text,
+                "query_img_path": image,
+                "query_modality": row.query_modality.value,
+                "query_src_content": None,
+                "pos_cand_list": positives,
+                "neg_cand_list": [],
+                "task_id": row.task_id,
+            }
+        )
 
 
 def _link_images(root: Path, dataset: str, name: str, source: Path) -> str:
@@ -121,8 +170,13 @@ def _read_captions(path: Path) -> dict[str, list[str]]:
     return dict(captions)
 
 
-def build_benchmark(shared_data: str | Path, output: str | Path, seed: int = 0,
-                    max_queries: int = 150, scifact_distractors: int = 800) -> Path:
+def build_benchmark(
+    shared_data: str | Path,
+    output: str | Path,
+    seed: int = 0,
+    max_queries: int = 150,
+    scifact_distractors: int = 800,
+) -> Path:
     """Write the benchmark under `output` (an M-BEIR root) and return it.
 
     Args:
@@ -140,9 +194,7 @@ def build_benchmark(shared_data: str | Path, output: str | Path, seed: int = 0,
     flickr = _read_captions(shared / "flickr8k-800" / "captions.csv")
     coco = _read_captions(shared / "coco-mini" / "captions.csv")
     photos: list[tuple[str, list[str]]] = []
-    for dataset, prefix_name, source, captions in (("mscoco", "flickr", shared / "flickr8k-800" / "images", flickr),
-                                                   ("mscoco", "coco", shared / "coco-mini" / "images", coco)):
-        del dataset
+    for prefix_name, captions in (("flickr", flickr), ("coco", coco)):
         for image, texts in sorted(captions.items()):
             photos.append((f"{prefix_name}/{image}", texts))
     # Every photo serves exactly one row family, so the global pool has no duplicate content.
@@ -191,7 +243,9 @@ def _scifact(folder: Path, bench: _Bench, row: Row, rng: random.Random, distract
         data = read_beir(folder, beir_split)
         for query in data.queries:
             # BEIR test -> our test; BEIR train queries -> our train and val.
-            split = "test" if beir_split == "test" else ("val" if _bucket(query.qid, "sf", 10) == 0 else "train")
+            split = (
+                "test" if beir_split == "test" else ("val" if _bucket(query.qid, "sf", 10) == 0 else "train")
+            )
             relevant = [d for d, score in data.qrels[query.qid].items() if score > 0 and d in corpus]
             if not relevant:
                 continue
@@ -241,10 +295,13 @@ def _clothing(folder: Path, bench: _Bench, same: Row, modify: Row, rng: random.R
                 if i % 4 == 0:
                     references.append((cls, image))
                 else:
-                    targets[cls].append(bench.candidate(modify, split, None, f"{prefixes['fashioniq']}/{image}"))
+                    targets[cls].append(
+                        bench.candidate(modify, split, None, f"{prefixes['fashioniq']}/{image}")
+                    )
         for cls, image in references:
             target = rng.choice([c for c in CLOTHING_CLASSES if c != cls and targets[c]])
-            text = f"I want the same style but as a {target.replace('-', ' ')} instead of a {cls.replace('-', ' ')}"
+            wanted, current = target.replace("-", " "), cls.replace("-", " ")
+            text = f"I want the same style but as a {wanted} instead of a {current}"
             bench.query(modify, split, text, f"{prefixes['fashioniq']}/{image}", targets[target])
 
 
@@ -270,7 +327,9 @@ def _write(bench: _Bench, rows: dict[tuple[str, int], Row], max_queries: int, rn
                 union_pools["train"].extend(pool)
                 continue
             _write_jsonl(root / "query" / split / f"mbeir_{row.name}_{split}.jsonl", queries)
-            qrels = "".join(f"{q['qid']} 0 {d} 1 {row.task_id}\n" for q in queries for d in q["pos_cand_list"])
+            qrels = "".join(
+                f"{q['qid']} 0 {d} 1 {row.task_id}\n" for q in queries for d in q["pos_cand_list"]
+            )
             (root / "qrels" / split).mkdir(parents=True, exist_ok=True)
             (root / "qrels" / split / f"mbeir_{row.name}_{split}_qrels.txt").write_text(qrels)
             union_pools[split].extend(pool)
@@ -278,12 +337,16 @@ def _write(bench: _Bench, rows: dict[tuple[str, int], Row], max_queries: int, rn
                 union_val.extend(queries)
         if row.dataset == "mscoco":
             for split in ("val", "test"):
-                _write_jsonl(root / "cand_pool" / "local" / f"mbeir_{row.name}_{split}_cand_pool.jsonl",
-                             bench.pools[(row, split)])
+                _write_jsonl(
+                    root / "cand_pool" / "local" / f"mbeir_{row.name}_{split}_cand_pool.jsonl",
+                    bench.pools[(row, split)],
+                )
         else:
             # One local pool serves val and test, as in M-BEIR.
-            _write_jsonl(root / "cand_pool" / "local" / f"mbeir_{row.name}_cand_pool.jsonl",
-                         bench.pools[(row, "val")] + bench.pools[(row, "test")])
+            _write_jsonl(
+                root / "cand_pool" / "local" / f"mbeir_{row.name}_cand_pool.jsonl",
+                bench.pools[(row, "val")] + bench.pools[(row, "test")],
+            )
     for split, pool in union_pools.items():
         _write_jsonl(root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl", pool)
     union_train = []
@@ -305,27 +368,47 @@ def _write_instructions(root: Path, rows: dict[tuple[str, int], Row]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(["query_modality", "cand_modality", "dataset_name", "dataset_id", "prompt_1",
-                         "prompt_2", "prompt_3", "prompt_4"])
+        writer.writerow(
+            [
+                "query_modality",
+                "cand_modality",
+                "dataset_name",
+                "dataset_id",
+                "prompt_1",
+                "prompt_2",
+                "prompt_3",
+                "prompt_4",
+            ]
+        )
         for key, row in rows.items():
             q_mod, c_mod = TASKS[row.task_id]
             writer.writerow([q_mod.value, c_mod.value, row.dataset, row.dataset_id, *INSTRUCTIONS[key]])
 
 
 def _write_readme(root: Path, bench: _Bench, rows: dict[tuple[str, int], Row]) -> None:
-    lines = ["# M-BEIR-format benchmark built from ../shared/data", "",
-             "Built by `umarvel make-benchmark`. Same layout and file formats as M-BEIR; the rows occupy the",
-             "M-BEIR dataset slots whose tasks they resemble. Images are symlinks into the shared data folder.",
-             "", "| row | task | source | queries train/val/test | pool val+test |", "|---|---|---|---|---|"]
+    lines = [
+        "# M-BEIR-format benchmark built from ../shared/data",
+        "",
+        "Built by `umarvel make-benchmark`. Same layout and file formats as M-BEIR; the rows occupy the",
+        "M-BEIR dataset slots whose tasks they resemble. Images are symlinks into the shared data folder.",
+        "",
+        "| row | task | source | queries train/val/test | pool val+test |",
+        "|---|---|---|---|---|",
+    ]
     for key, row in rows.items():
         q_mod, c_mod = TASKS[row.task_id]
         counts = "/".join(str(len(bench.queries[(row, s)])) for s in SPLITS)
         pool = len(bench.pools[(row, "val")]) + len(bench.pools[(row, "test")])
-        lines.append(f"| {row.name} | {q_mod.value} -> {c_mod.value} | {ROW_NOTES[key]} | {counts} | {pool} |")
-    lines += ["", "Task type 8 (image,text -> image,text) is absent: no honest pairing exists in this data.",
-              "Query counts above are before the per-row cap (see the query files).",
-              "Licences: Flickr8k research use only; COCO captions CC BY 4.0; clothing-small CC0;",
-              "SciFact claims CC BY 4.0, abstracts ODC-By. Not for redistribution beyond these terms."]
+        lines.append(
+            f"| {row.name} | {q_mod.value} -> {c_mod.value} | {ROW_NOTES[key]} | {counts} | {pool} |"
+        )
+    lines += [
+        "",
+        "Task type 8 (image,text -> image,text) is absent: no honest pairing exists in this data.",
+        "Query counts above are before the per-row cap (see the query files).",
+        "Licences: Flickr8k research use only; COCO captions CC BY 4.0; clothing-small CC0;",
+        "SciFact claims CC BY 4.0, abstracts ODC-By. Not for redistribution beyond these terms.",
+    ]
     (root / "README.md").write_text("\n".join(lines) + "\n")
 
 

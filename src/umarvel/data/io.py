@@ -31,8 +31,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{number}", f"malformed JSON ({error.msg} at column {error.colno})") \
-                    from None
+                raise InputError(
+                    f"{path}:{number}", f"malformed JSON ({error.msg} at column {error.colno})"
+                ) from None
             if not isinstance(value, dict):
                 raise InputError(f"{path}:{number}", f"expected a JSON object, got {type(value).__name__}")
             yield number, value

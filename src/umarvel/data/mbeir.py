@@ -16,8 +16,18 @@ from typing import Literal
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.records import Candidate, Modality, Query
 
-DATASETS = ("visualnews", "fashion200k", "webqa", "edis", "nights", "oven", "infoseek", "fashioniq", "cirr",
-            "mscoco")
+DATASETS = (
+    "visualnews",
+    "fashion200k",
+    "webqa",
+    "edis",
+    "nights",
+    "oven",
+    "infoseek",
+    "fashioniq",
+    "cirr",
+    "mscoco",
+)
 DATASET_IDS = {name: i for i, name in enumerate(DATASETS)}
 # task id -> (query modality, candidate modality); task 5 is reserved and unused.
 TASKS: dict[int, tuple[Modality, Modality]] = {
@@ -32,7 +42,10 @@ TASKS: dict[int, tuple[Modality, Modality]] = {
     8: (Modality.IMAGE_TEXT, Modality.IMAGE_TEXT),
 }
 # OVEN and InfoSeek share one Wikipedia corpus: a query's positives may carry the sibling's prefix.
-SIBLING_DATASETS = {DATASET_IDS["oven"]: DATASET_IDS["infoseek"], DATASET_IDS["infoseek"]: DATASET_IDS["oven"]}
+SIBLING_DATASETS = {
+    DATASET_IDS["oven"]: DATASET_IDS["infoseek"],
+    DATASET_IDS["infoseek"]: DATASET_IDS["oven"],
+}
 
 
 @dataclass(frozen=True)
@@ -62,10 +75,22 @@ class Row:
 
 # In the order of UniIR's table and the papers.
 ROWS = (
-    Row("visualnews", 0, 5), Row("mscoco", 0, 5), Row("fashion200k", 0, 10), Row("webqa", 1, 5),
-    Row("edis", 2, 5), Row("webqa", 2, 5), Row("visualnews", 3, 5), Row("mscoco", 3, 5),
-    Row("fashion200k", 3, 10), Row("nights", 4, 5), Row("oven", 6, 5), Row("infoseek", 6, 5),
-    Row("fashioniq", 7, 10), Row("cirr", 7, 5), Row("oven", 8, 5), Row("infoseek", 8, 5),
+    Row("visualnews", 0, 5),
+    Row("mscoco", 0, 5),
+    Row("fashion200k", 0, 10),
+    Row("webqa", 1, 5),
+    Row("edis", 2, 5),
+    Row("webqa", 2, 5),
+    Row("visualnews", 3, 5),
+    Row("mscoco", 3, 5),
+    Row("fashion200k", 3, 10),
+    Row("nights", 4, 5),
+    Row("oven", 6, 5),
+    Row("infoseek", 6, 5),
+    Row("fashioniq", 7, 10),
+    Row("cirr", 7, 5),
+    Row("oven", 8, 5),
+    Row("infoseek", 8, 5),
 )
 Split = Literal["train", "val", "test"]
 
@@ -81,8 +106,11 @@ def dataset_id_of(identifier: str, where: str | None = None) -> int:
 class Instructions:
     """`query_instructions.tsv`: prompts per (dataset id, query modality, candidate modality)."""
 
-    def __init__(self, prompts: Mapping[tuple[int, Modality, Modality], tuple[str, ...]],
-                 choice: Literal["hash", "first"] = "hash") -> None:
+    def __init__(
+        self,
+        prompts: Mapping[tuple[int, Modality, Modality], tuple[str, ...]],
+        choice: Literal["hash", "first"] = "hash",
+    ) -> None:
         self.prompts = dict(prompts)
         self.choice = choice
 
@@ -99,8 +127,9 @@ class Instructions:
                 if not any(c.strip() for c in cells):
                     continue
                 if len(cells) < 5:
-                    raise InputError(f"{path}:{number}", f"expected at least 5 tab-separated columns, got "
-                                     f"{len(cells)}")
+                    raise InputError(
+                        f"{path}:{number}", f"expected at least 5 tab-separated columns, got {len(cells)}"
+                    )
                 try:
                     key = (int(cells[3]), Modality.parse(cells[0]), Modality.parse(cells[1]))
                 except ValueError as error:
@@ -111,8 +140,9 @@ class Instructions:
                 prompts[key] = options
         return cls(prompts, choice)
 
-    def choose(self, qid: str, query_modality: Modality, candidate_modality: Modality,
-               where: str | None = None) -> str:
+    def choose(
+        self, qid: str, query_modality: Modality, candidate_modality: Modality, where: str | None = None
+    ) -> str:
         """The instruction for `qid`: the same every run, on every worker."""
         key = (dataset_id_of(qid, where), query_modality, candidate_modality)
         if key not in self.prompts:
@@ -139,8 +169,9 @@ def _id_list(record: dict, field: str, where: str) -> tuple[str, ...]:
     return tuple(v["did"] if isinstance(v, dict) else str(v) for v in value)
 
 
-def read_queries(path: str | Path, instructions: Instructions | None = None,
-                 image_root: str | Path | None = None) -> list[Query]:
+def read_queries(
+    path: str | Path, instructions: Instructions | None = None, image_root: str | Path | None = None
+) -> list[Query]:
     """Queries of one M-BEIR query file; with `instructions`, each gets its deterministic instruction."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else None
@@ -167,16 +198,18 @@ def read_queries(path: str | Path, instructions: Instructions | None = None,
             if task_id is None:
                 raise InputError(where, "task_id is needed to choose an instruction")
             instruction = instructions.choose(qid, modality, TASKS[task_id][1], where)
-        queries.append(Query(
-            qid=qid,
-            text=text,
-            image=(root / image) if (root is not None and image is not None) else image,
-            instruction=instruction,
-            positives=positives,
-            negatives=_id_list(record, "neg_cand_list", where),
-            task_id=task_id,
-            source=where,
-        ))
+        queries.append(
+            Query(
+                qid=qid,
+                text=text,
+                image=(root / image) if (root is not None and image is not None) else image,
+                instruction=instruction,
+                positives=positives,
+                negatives=_id_list(record, "neg_cand_list", where),
+                task_id=task_id,
+                source=where,
+            )
+        )
     return queries
 
 
@@ -199,9 +232,14 @@ def read_pool(path: str | Path, image_root: str | Path | None = None) -> list[Ca
         image = _optional_text(record, "img_path", where)
         modality = _parse_modality(record.get("modality", ""), where)
         _check_modality(modality, text, image, where)
-        pool.append(Candidate(did=did, text=text,
-                              image=(root / image) if (root is not None and image is not None) else image,
-                              source=where))
+        pool.append(
+            Candidate(
+                did=did,
+                text=text,
+                image=(root / image) if (root is not None and image is not None) else image,
+                source=where,
+            )
+        )
     return pool
 
 
@@ -239,13 +277,20 @@ def _parse_modality(value: object, where: str) -> Modality:
 
 def _check_modality(modality: Modality, text: str | None, image: str | None, where: str) -> None:
     has_text, has_image = bool(text and text.strip()), image is not None
-    expected = {Modality.TEXT: (True, False), Modality.IMAGE: (False, True), Modality.IMAGE_TEXT: (True, True)}
+    expected = {
+        Modality.TEXT: (True, False),
+        Modality.IMAGE: (False, True),
+        Modality.IMAGE_TEXT: (True, True),
+    }
     if modality not in expected:
         raise InputError(where, f"unsupported modality {modality.value!r} in M-BEIR records")
     if expected[modality] != (has_text, has_image):
-        raise InputError(where, f"modality {modality.value!r} but text={'yes' if has_text else 'no'}, "
-                         f"image={'yes' if has_image else 'no'}"
-                         + (" (empty text)" if text is not None and not text.strip() else ""))
+        raise InputError(
+            where,
+            f"modality {modality.value!r} but text={'yes' if has_text else 'no'}, "
+            f"image={'yes' if has_image else 'no'}"
+            + (" (empty text)" if text is not None and not text.strip() else ""),
+        )
 
 
 class MBeir:
@@ -285,8 +330,11 @@ class MBeir:
         return Instructions.from_tsv(self.instructions_file(), self.instruction_choice)
 
     def queries(self, row: Row, split: Split = "test", with_instructions: bool = True) -> list[Query]:
-        return read_queries(self.query_file(row, split), self.instructions() if with_instructions else None,
-                            image_root=self.root)
+        return read_queries(
+            self.query_file(row, split),
+            self.instructions() if with_instructions else None,
+            image_root=self.root,
+        )
 
     def pool(self, row: Row, split: Literal["val", "test"] = "test") -> list[Candidate]:
         return read_pool(self.local_pool_file(row, split), image_root=self.root)

@@ -25,8 +25,9 @@ def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize(size, Image.BICUBIC)
 
 
-def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS,
-               where: str | None = None) -> Image.Image:
+def load_image(
+    source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, where: str | None = None
+) -> Image.Image:
     """An RGB PIL image within the pixel budget.
 
     Args:

@@ -17,9 +17,20 @@ from PIL import Image
 from umarvel.data.mbeir import DATASET_IDS, DATASETS, ROWS, TASKS, Row
 from umarvel.data.records import Modality
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
-           "purple": (140, 50, 170), "orange": (240, 140, 30), "black": (20, 20, 20), "white": (240, 240, 240),
-           "grey": (128, 128, 128), "pink": (240, 150, 190), "brown": (120, 80, 40), "teal": (30, 150, 150)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 140, 30),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+    "grey": (128, 128, 128),
+    "pink": (240, 150, 190),
+    "brown": (120, 80, 40),
+    "teal": (30, 150, 150),
+}
 OBJECTS = ("dress", "car", "house", "bird", "boat", "lamp", "chair", "tree", "kite", "train", "cake", "hat")
 SPLITS = ("val", "test")
 
@@ -53,8 +64,13 @@ class _Builder:
         colour, thing = topic(t)
         text = f"a {colour} {thing} ({dataset} {did})" if modality != Modality.IMAGE else None
         image = self.image(dataset, did.replace(":", "_"), t) if modality != Modality.TEXT else None
-        return {"did": did, "txt": text, "img_path": image, "modality": modality.value,
-                "src_content": None if t % 2 else json.dumps({"topic": t})}
+        return {
+            "did": did,
+            "txt": text,
+            "img_path": image,
+            "modality": modality.value,
+            "src_content": None if t % 2 else json.dumps({"topic": t}),
+        }
 
     def query(self, dataset: str, task_id: int, t: int, positives: list[str], negatives: list[str]) -> dict:
         modality = TASKS[task_id][0]
@@ -65,9 +81,16 @@ class _Builder:
             # Some texts need format_string: a leading quote, a trailing \r, no final period.
             text = f'"show the {colour} {thing}\r' if t % 3 == 0 else f"show the {colour} {thing}"
         image = self.image(dataset, f"q{qid.replace(':', '_')}", t) if modality != Modality.TEXT else None
-        return {"qid": qid, "query_txt": text, "query_img_path": image, "query_modality": modality.value,
-                "query_src_content": json.dumps({"topic": t}) if t % 2 else None,
-                "pos_cand_list": positives, "neg_cand_list": negatives, "task_id": task_id}
+        return {
+            "qid": qid,
+            "query_txt": text,
+            "query_img_path": image,
+            "query_modality": modality.value,
+            "query_src_content": json.dumps({"topic": t}) if t % 2 else None,
+            "pos_cand_list": positives,
+            "neg_cand_list": negatives,
+            "task_id": task_id,
+        }
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -88,11 +111,16 @@ def build_mini_mbeir(root: str | Path, queries_per_row: int = 3) -> Path:
     for row in ROWS:
         cand_modality = row.candidate_modality
         pool_splits = SPLITS if row.dataset == "mscoco" else ("test",)
-        pools = {s: [builder.candidate(row.dataset, cand_modality, t) for t in range(_pool_size(row))]
-                 for s in pool_splits}
+        pools = {
+            s: [builder.candidate(row.dataset, cand_modality, t) for t in range(_pool_size(row))]
+            for s in pool_splits
+        }
         for split in pool_splits:
-            name = f"mbeir_{row.name}_{split}_cand_pool.jsonl" if row.dataset == "mscoco" else \
-                f"mbeir_{row.name}_cand_pool.jsonl"
+            name = (
+                f"mbeir_{row.name}_{split}_cand_pool.jsonl"
+                if row.dataset == "mscoco"
+                else f"mbeir_{row.name}_cand_pool.jsonl"
+            )
             _write_jsonl(root / "cand_pool" / "local" / name, pools[split])
         test_pools[row.name] = pools["test"]
         for split in SPLITS:
@@ -118,8 +146,10 @@ def build_mini_mbeir(root: str | Path, queries_per_row: int = 3) -> Path:
             lines.append(f"{first['qid']} 0 {test_pools[name][-1]['did']} 0 {first['task_id']}\n")
         (root / "qrels" / split).mkdir(parents=True, exist_ok=True)
         (root / "qrels" / split / f"mbeir_{name}_{split}_qrels.txt").write_text("".join(lines))
-    union_test = sorted((c for pool in test_pools.values() for c in pool),
-                        key=lambda c: tuple(int(x) for x in c["did"].split(":")))
+    union_test = sorted(
+        (c for pool in test_pools.values() for c in pool),
+        key=lambda c: tuple(int(x) for x in c["did"].split(":")),
+    )
     _write_jsonl(root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl", union_test)
     union_val_queries = [q for (name, split), qs in row_queries.items() if split == "val" for q in qs]
     _write_jsonl(root / "query" / "union_val" / "mbeir_union_val.jsonl", union_val_queries)
@@ -160,7 +190,8 @@ def _write_train_side(root: Path, builder: _Builder) -> None:
         _write_jsonl(root / "query" / "train" / f"mbeir_{dataset}_train.jsonl", queries)
         (root / "qrels" / "train").mkdir(parents=True, exist_ok=True)
         (root / "qrels" / "train" / f"mbeir_{dataset}_train_qrels.txt").write_text(
-            "".join(qrels_lines[dataset]))
+            "".join(qrels_lines[dataset])
+        )
         union.extend(queries)
         if dataset in ("webqa", "nights", "cirr"):
             union.extend(queries[:2])  # upsampling: duplicated qids, as in mbeir_union_up_train
@@ -170,22 +201,39 @@ def _write_train_side(root: Path, builder: _Builder) -> None:
     dids = [c["did"] for c in train_pool]
     mined = []
     for i, query in enumerate(union):
-        ranked = [d for d in dids[i % len(dids):] + dids[: i % len(dids)]][:10]
+        ranked = [d for d in dids[i % len(dids) :] + dids[: i % len(dids)]][:10]
         if i == 0:
             ranked = query["pos_cand_list"] + ranked[:2]  # fewer than k=5 non-positives
-        mined.append({"qid": query["qid"], "gt_docs": query["pos_cand_list"], "top100_docs": ranked,
-                      "score": [round(1.0 - 0.05 * r, 4) for r in range(len(ranked))]})
+        mined.append(
+            {
+                "qid": query["qid"],
+                "gt_docs": query["pos_cand_list"],
+                "top100_docs": ranked,
+                "score": [round(1.0 - 0.05 * r, 4) for r in range(len(ranked))],
+            }
+        )
     _write_jsonl(root / "mined" / "mbeir_union_up_train_negatives.jsonl", mined)
 
 
 INSTRUCTION_TEMPLATES = {
-    Modality.IMAGE: ("Find me an image that matches the given {what}.", "Retrieve an image for this {what}.",
-                     "Show an image matching the {what}.", "Identify the image that fits the {what}."),
-    Modality.TEXT: ("Find a text that matches the given {what}.", "Retrieve a description for this {what}.",
-                    "Find a caption for the {what}.", ""),
-    Modality.IMAGE_TEXT: ("Find an image with text that matches the {what}.",
-                          "Retrieve a captioned image for this {what}.", "Find a document for the {what}.",
-                          "Locate an illustrated passage for the {what}."),
+    Modality.IMAGE: (
+        "Find me an image that matches the given {what}.",
+        "Retrieve an image for this {what}.",
+        "Show an image matching the {what}.",
+        "Identify the image that fits the {what}.",
+    ),
+    Modality.TEXT: (
+        "Find a text that matches the given {what}.",
+        "Retrieve a description for this {what}.",
+        "Find a caption for the {what}.",
+        "",
+    ),
+    Modality.IMAGE_TEXT: (
+        "Find an image with text that matches the {what}.",
+        "Retrieve a captioned image for this {what}.",
+        "Find a document for the {what}.",
+        "Locate an illustrated passage for the {what}.",
+    ),
 }
 
 
@@ -194,11 +242,31 @@ def _write_instructions(root: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(["query_modality", "cand_modality", "dataset_name", "dataset_id", "prompt_1",
-                         "prompt_2", "prompt_3", "prompt_4"])
+        writer.writerow(
+            [
+                "query_modality",
+                "cand_modality",
+                "dataset_name",
+                "dataset_id",
+                "prompt_1",
+                "prompt_2",
+                "prompt_3",
+                "prompt_4",
+            ]
+        )
         for row in ROWS:
-            what = {Modality.TEXT: "caption", Modality.IMAGE: "photo",
-                    Modality.IMAGE_TEXT: "photo and question"}[row.query_modality]
+            what = {
+                Modality.TEXT: "caption",
+                Modality.IMAGE: "photo",
+                Modality.IMAGE_TEXT: "photo and question",
+            }[row.query_modality]
             prompts = [p.format(what=what) for p in INSTRUCTION_TEMPLATES[row.candidate_modality]]
-            writer.writerow([row.query_modality.value, row.candidate_modality.value, row.dataset,
-                             row.dataset_id, *prompts])
+            writer.writerow(
+                [
+                    row.query_modality.value,
+                    row.candidate_modality.value,
+                    row.dataset,
+                    row.dataset_id,
+                    *prompts,
+                ]
+            )

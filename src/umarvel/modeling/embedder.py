@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional
 
 from umarvel.config.io import from_dict
 from umarvel.config.schema import EmbedderConfig
@@ -95,7 +95,7 @@ class Embedder(nn.Module):
         directory = Path(directory)
         self.backbone.save(directory)
         settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "model"}
-        settings["temperature"] = float(self.temperature)
+        settings["temperature"] = float(self.temperature.detach())
         (directory / EMBEDDER_FILE).write_text(json.dumps(settings, indent=2))
         save_file({"log_temperature": self.log_temperature.detach().cpu()}, directory / TEMPERATURE_FILE)
         assert (directory / CHECKPOINT_FILE).is_file()
@@ -118,12 +118,17 @@ class Embedder(nn.Module):
         """Embeddings (B, H), float32, L2-normalised when `normalize`."""
         hidden = self.backbone.forward(batch.inputs)  # (B, L, H)
         pooled = pool(hidden.float(), batch.pooling_mask, self.config.pooling)  # (B, H)
-        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+        return functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
 
     # ---- inference -------------------------------------------------------------------------------
 
-    def to_item(self, value: Encodable, instruction: str | None, root: str | Path | None = None,
-                where: str | None = None) -> EncodeItem:
+    def to_item(
+        self,
+        value: Encodable,
+        instruction: str | None,
+        root: str | Path | None = None,
+        where: str | None = None,
+    ) -> EncodeItem:
         """Normalise any accepted input to an `EncodeItem` with its image loaded."""
         base = Path(root) if root is not None else None
         text: str | None = None
@@ -154,17 +159,27 @@ class Embedder(nn.Module):
         return EncodeItem(text=text, image=loaded, instruction=instruction, where=where)
 
     @torch.no_grad()
-    def encode_items(self, items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem],
-                     batch_size: int | None = None, progress: bool = True,
-                     description: str = "encoding") -> np.ndarray:
+    def encode_items(
+        self,
+        items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem],
+        batch_size: int | None = None,
+        progress: bool = True,
+        description: str = "encoding",
+    ) -> np.ndarray:
         """Embed items in batches (sorted by length to save padding); rows come back in input order."""
-        return np.concatenate(list(self.iter_encode(items, batch_size, progress, description)) or
-                              [np.zeros((0, self.dim), np.float32)])
+        return np.concatenate(
+            list(self.iter_encode(items, batch_size, progress, description))
+            or [np.zeros((0, self.dim), np.float32)]
+        )
 
     @torch.no_grad()
-    def iter_encode(self, items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem],
-                    batch_size: int | None = None, progress: bool = True,
-                    description: str = "encoding") -> Iterator[np.ndarray]:
+    def iter_encode(
+        self,
+        items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem],
+        batch_size: int | None = None,
+        progress: bool = True,
+        description: str = "encoding",
+    ) -> Iterator[np.ndarray]:
         """Yield embeddings (float32, input order) chunk by chunk, so callers can checkpoint."""
         batch_size = batch_size or self.config.batch_size
         self.eval()
@@ -172,31 +187,44 @@ class Embedder(nn.Module):
             task = bar.add_task(description, total=len(items))
             for start in range(0, len(items), batch_size * 8):
                 # Within a window of 8 batches, sort by a length estimate and restore order after.
-                window = [item() if callable(item) else item for item in items[start:start + batch_size * 8]]
+                window = [
+                    item() if callable(item) else item for item in items[start : start + batch_size * 8]
+                ]
                 order = sorted(range(len(window)), key=lambda i: _length_hint(window[i]))
                 out = np.zeros((len(window), self.dim), dtype=np.float32)
                 for offset in range(0, len(order), batch_size):
-                    chosen = order[offset:offset + batch_size]
+                    chosen = order[offset : offset + batch_size]
                     batch = self.collator([window[i] for i in chosen]).to(self.device)
                     out[chosen] = self(batch).float().cpu().numpy()
                     bar.advance(task, len(chosen))
                 yield out
 
-    def encode_queries(self, queries: Sequence[Encodable], instruction: str | None = None,
-                       batch_size: int | None = None, root: str | Path | None = None,
-                       progress: bool = True) -> np.ndarray:
+    def encode_queries(
+        self,
+        queries: Sequence[Encodable],
+        instruction: str | None = None,
+        batch_size: int | None = None,
+        root: str | Path | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
         """Embed queries; `instruction` applies to those without their own. Returns (N, H) float32."""
         items = [self._lazy(q, instruction, root) for q in queries]
         return self.encode_items(items, batch_size, progress, "queries")
 
-    def encode_candidates(self, candidates: Sequence[Encodable], batch_size: int | None = None,
-                          root: str | Path | None = None, progress: bool = True) -> np.ndarray:
+    def encode_candidates(
+        self,
+        candidates: Sequence[Encodable],
+        batch_size: int | None = None,
+        root: str | Path | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
         """Embed candidates (never with an instruction). Returns (N, H) float32."""
         items = [self._lazy(c, None, root) for c in candidates]
         return self.encode_items(items, batch_size, progress, "candidates")
 
-    def _lazy(self, value: Encodable, instruction: str | None,
-              root: str | Path | None) -> Callable[[], EncodeItem]:
+    def _lazy(
+        self, value: Encodable, instruction: str | None, root: str | Path | None
+    ) -> Callable[[], EncodeItem]:
         return lambda: self.to_item(value, instruction, root)
 
 
@@ -206,6 +234,10 @@ def _length_hint(item: EncodeItem) -> int:
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
     )

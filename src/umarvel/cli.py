@@ -1,0 +1,158 @@
+"""`umarvel <command>`: thin wrappers that parse arguments, call one pipeline function, and print."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from umarvel.config.io import ConfigError, from_dict, load_config
+from umarvel.config.schema import EmbedderConfig
+from umarvel.data.io import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Universal multimodal retrieval with multimodal LLMs (the U-MARVEL recipe).",
+)
+console = Console(stderr=True)
+# The small real datasets live beside the project checkout (../shared/data from the repo root).
+DEFAULT_SHARED_DATA = Path(os.environ.get("UMARVEL_SHARED_DATA", "../shared/data"))
+
+
+class _MainProcessFilter(logging.Filter):
+    """Keep log records from the main process only (torchrun / accelerate set RANK)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return os.environ.get("RANK", "0") == "0"
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    handler = RichHandler(console=console, show_path=False)
+    handler.addFilter(_MainProcessFilter())
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
+    )
+    for noisy in ("transformers", "httpx", "urllib3", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(code=2)
+
+
+def _embedder_config(model: str, overrides: list[str] | None, recipe: Path | None = None) -> EmbedderConfig:
+    config = load_config(recipe, [f"embedder.{o}" for o in overrides or []]).embedder
+    return from_dict(EmbedderConfig, {**vars(config), "model": model})
+
+
+@app.command()
+def embed(
+    model: Annotated[str, typer.Option(help="offline | tiny:<family> | hub id | checkpoint folder")],
+    input: Annotated[Path, typer.Option("--input", help="JSONL with M-BEIR fields txt / img_path")],
+    output: Annotated[Path, typer.Option("--output", help="output .npy (float32, L2-normalised rows)")],
+    as_: Annotated[str, typer.Option("--as", help="query | candidate")] = "candidate",
+    instruction: Annotated[str | None, typer.Option(help="instruction for queries without one")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="images are relative to this folder")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Embed every line of a JSONL file; resumes after an interruption."""
+    from umarvel.pipeline.embed import embed_file
+
+    if as_ not in ("query", "candidate"):
+        _fail(ConfigError(f"--as must be 'query' or 'candidate', got {as_!r}"))
+    if instruction is not None and as_ == "candidate":
+        _fail(ConfigError("candidates never carry an instruction; use --as query"))
+    try:
+        config = _embedder_config(model, set_)
+        path = embed_file(
+            input,
+            output,
+            config,
+            role=as_,
+            instruction=instruction,  # type: ignore[arg-type]
+            image_root=image_root,
+            progress=progress,
+        )
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    import numpy as np
+
+    matrix = np.load(path, mmap_mode="r")
+    console.print(f"wrote {path}: {matrix.shape[0]} rows x {matrix.shape[1]} dims")
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="where demo.json and the manifest go")] = Path("runs/demo"),
+    model: Annotated[str, typer.Option(help="model to embed with")] = "offline",
+    shared_data: Annotated[Path, typer.Option(help="the shared data folder")] = DEFAULT_SHARED_DATA,
+    photos: Annotated[int, typer.Option(help="Flickr8k photos to sample")] = 40,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Offline demo: embed real captions and photos with the offline backbone, show nearest neighbours."""
+    from umarvel.pipeline.demo import run_demo
+
+    try:
+        run_demo(shared_data, output_dir, _embedder_config(model, set_), photos=photos, console=Console())
+    except (InputError, ConfigError) as error:
+        _fail(error)
+
+
+@app.command("make-mini-mbeir")
+def make_mini_mbeir(
+    output: Annotated[Path, typer.Argument(help="folder to create (the M-BEIR root)")],
+) -> None:
+    """Write the deterministic mini M-BEIR test fixture (all 16 rows, tiny images)."""
+    from umarvel.data.mini_mbeir import build_mini_mbeir
+
+    console.print(f"wrote {build_mini_mbeir(output)}")
+
+
+@app.command("make-benchmark")
+def make_benchmark(
+    output: Annotated[Path, typer.Argument(help="folder to create (the M-BEIR root)")],
+    shared_data: Annotated[Path, typer.Option(help="the shared data folder")] = DEFAULT_SHARED_DATA,
+    seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
+    max_queries: Annotated[int, typer.Option(help="cap on queries per row and split")] = 150,
+) -> None:
+    """Build an M-BEIR-format benchmark from the real photos and texts in ../shared/data."""
+    from umarvel.data.convert import build_benchmark
+
+    try:
+        root = build_benchmark(shared_data, output, seed=seed, max_queries=max_queries)
+    except InputError as error:
+        _fail(error)
+    console.print((root / "README.md").read_text())
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbone families."""
+    from umarvel.modeling.backbones import REGISTRY
+
+    table = Table(title="backbone families")
+    for column in ("family", "base model class", "hub ids", "bidirectional validated"):
+        table.add_column(column)
+    for spec in REGISTRY.values():
+        table.add_row(
+            spec.family,
+            spec.model_class.rsplit(".", 1)[-1],
+            "\n".join(spec.hub_ids) or "offline",
+            "yes" if spec.bidirectional_validated else "no",
+        )
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m umarvel`
+    app(sys.argv[1:])

@@ -1,0 +1,99 @@
+"""The embedder: normalised rows, batch-independent embeddings, temperature, save/load, input kinds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from umarvel.data.records import Candidate, Query
+from umarvel.modeling.embedder import Embedder
+
+TEXTS = ["a photo of a cat", "two dogs run across the green grass in the park", "a red car", "a tall house"]
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((48, 64, 3)) * 255).astype("uint8"))
+
+
+def test_embeddings_are_unit_rows_in_input_order(family: str) -> None:
+    embedder = Embedder.from_pretrained(f"tiny:{family}")
+    vectors = embedder.encode_candidates([*TEXTS, _image(0)], progress=False)
+    assert vectors.shape == (5, embedder.dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    alone = embedder.encode_candidates([TEXTS[2]], progress=False)
+    np.testing.assert_allclose(vectors[2], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_an_items_embedding_does_not_depend_on_its_batch(family: str, dtype: str, tolerance: float) -> None:
+    embedder = Embedder.from_pretrained(f"tiny:{family}", dtype=dtype)
+    items = [
+        Query(qid=str(i), text=t, image=_image(i) if i % 2 else None, instruction="Find it.")
+        for i, t in enumerate(TEXTS)
+    ]
+    together = embedder.encode_queries(items, batch_size=4, progress=False)
+    separately = np.concatenate([embedder.encode_queries([item], progress=False) for item in items])
+    np.testing.assert_allclose(together, separately, atol=tolerance)
+
+
+def test_temperature_starts_at_0_05_and_is_trainable_only_when_asked() -> None:
+    learnable = Embedder.from_pretrained("tiny:qwen2_vl")
+    fixed = Embedder.from_pretrained("tiny:qwen2_vl", learnable_temperature=False)
+    assert math.isclose(float(learnable.temperature.detach()), 0.05, rel_tol=1e-6)
+    assert learnable.log_temperature.requires_grad and not fixed.log_temperature.requires_grad
+
+
+def test_temperature_is_clamped_to_its_bounds() -> None:
+    embedder = Embedder.from_pretrained("tiny:qwen2_vl", temperature_min=0.01, temperature_max=0.5)
+    with torch.no_grad():
+        embedder.log_temperature.fill_(-20.0)
+    assert math.isclose(float(embedder.temperature.detach()), 0.01, rel_tol=1e-5)
+    with torch.no_grad():
+        embedder.log_temperature.fill_(5.0)
+    assert math.isclose(float(embedder.temperature.detach()), 0.5, rel_tol=1e-5)
+
+
+def test_a_saved_embedder_reloads_to_the_same_embeddings(tmp_path: Path, family: str) -> None:
+    embedder = Embedder.from_pretrained(f"tiny:{family}", pooling="last_token")
+    with torch.no_grad():
+        embedder.log_temperature.fill_(math.log(0.07))
+    inputs = [TEXTS[0], _image(3)]
+    before = embedder.encode_candidates(inputs, progress=False)
+    embedder.save_pretrained(tmp_path / "ckpt")
+    reloaded = Embedder.from_pretrained(str(tmp_path / "ckpt"))
+    assert reloaded.config.pooling == "last_token"
+    assert math.isclose(float(reloaded.temperature.detach()), 0.07, rel_tol=1e-5)
+    np.testing.assert_allclose(reloaded.encode_candidates(inputs, progress=False), before, atol=1e-5)
+
+
+def test_strings_paths_images_dicts_and_records_are_all_accepted(tmp_path: Path) -> None:
+    embedder = Embedder.from_pretrained("tiny:qwen2_vl")
+    path = tmp_path / "x.png"
+    _image(1).save(path)
+    mixed = embedder.encode_candidates(
+        [
+            "a red car",
+            path,
+            _image(1),
+            {"txt": "a red car", "img_path": None},
+            Candidate(did="1", text="a red car"),
+        ],
+        progress=False,
+    )
+    np.testing.assert_allclose(mixed[0], mixed[3], atol=1e-6)
+    np.testing.assert_allclose(mixed[0], mixed[4], atol=1e-6)
+    np.testing.assert_allclose(mixed[1], mixed[2], atol=1e-5)
+
+
+def test_a_query_instruction_changes_the_embedding_but_a_candidate_never_gets_one() -> None:
+    embedder = Embedder.from_pretrained("tiny:qwen2_vl")
+    plain = embedder.encode_queries(["a red car"], progress=False)
+    instructed = embedder.encode_queries(["a red car"], instruction="Find an image.", progress=False)
+    candidate = embedder.encode_candidates(["a red car"], progress=False)
+    assert not np.allclose(plain, instructed, atol=1e-4)
+    np.testing.assert_allclose(plain, candidate, atol=1e-6)
