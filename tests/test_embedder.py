@@ -97,3 +97,12 @@ def test_a_query_instruction_changes_the_embedding_but_a_candidate_never_gets_on
     candidate = embedder.encode_candidates(["a red car"], progress=False)
     assert not np.allclose(plain, instructed, atol=1e-4)
     np.testing.assert_allclose(plain, candidate, atol=1e-6)
+
+
+def test_the_composed_image_encoder_stays_float32_when_the_model_is_bf16() -> None:
+    embedder = Embedder.from_pretrained("tiny:composed", dtype="bfloat16")
+    assert embedder.model.vision_tower.conv_stem.weight.dtype == torch.float32
+    assert embedder.model.projector[0].weight.dtype == torch.float32
+    assert embedder.backbone.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    vectors = embedder.encode_candidates([_image(0), "a red car"], progress=False)
+    assert np.isfinite(vectors).all()

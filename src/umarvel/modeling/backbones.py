@@ -40,6 +40,7 @@ class BackboneSpec:
         bidirectional_validated: whether `set_attention_mode` is covered by tests for this family.
         nested_images: the processor wants one image list per sample rather than a flat list.
         tiny: import path of a builder returning (model, processor) with random tiny weights.
+        fp32_modules: submodules kept in float32 whatever the model dtype (small, precision-sensitive).
     """
 
     family: str
@@ -54,6 +55,7 @@ class BackboneSpec:
     bidirectional_validated: bool
     nested_images: bool
     tiny: str
+    fp32_modules: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -132,6 +134,9 @@ REGISTRY: dict[str, BackboneSpec] = {
             bidirectional_validated=True,
             nested_images=False,
             tiny="umarvel.modeling.composed:build_tiny_composed",
+            # EfficientNet's BatchNorm and the projector are 4.5 M parameters: bf16 buys nothing there
+            # and costs agreement with fp32 embeddings.
+            fp32_modules=("vision_tower", "projector"),
         ),
     )
 }
@@ -219,6 +224,8 @@ def load_backbone(
     else:
         model, processor, spec = _load_pretrained(name, dtype, attn_implementation)
     model = model.to(dtype).eval()
+    for name in spec.fp32_modules:
+        model.get_submodule(name).float()
     return Backbone(model=model, processor=processor, spec=spec, source=name)
 
 
