@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import os
 import random
@@ -18,8 +17,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from umarvel.data.io import InputError, atomic_write, read_jsonl
-from umarvel.data.mbeir import DATASET_IDS, TASKS, Row
+from umarvel.data.io import InputError, read_jsonl, write_jsonl
+from umarvel.data.mbeir import DATASET_IDS, TASKS, Row, write_instructions, write_qrels
 from umarvel.data.records import Modality
 
 logger = logging.getLogger(__name__)
@@ -305,12 +304,6 @@ def _clothing(folder: Path, bench: _Bench, same: Row, modify: Row, rng: random.R
             bench.query(modify, split, text, f"{prefixes['fashioniq']}/{image}", targets[target])
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with atomic_write(path) as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-
-
 def _write(bench: _Bench, rows: dict[tuple[str, int], Row], max_queries: int, rng: random.Random) -> None:
     root = bench.root
     union_pools: dict[str, list[dict]] = defaultdict(list)
@@ -326,63 +319,38 @@ def _write(bench: _Bench, rows: dict[tuple[str, int], Row], max_queries: int, rn
                 train_by_dataset[row.dataset].extend(queries)
                 union_pools["train"].extend(pool)
                 continue
-            _write_jsonl(root / "query" / split / f"mbeir_{row.name}_{split}.jsonl", queries)
-            qrels = "".join(
-                f"{q['qid']} 0 {d} 1 {row.task_id}\n" for q in queries for d in q["pos_cand_list"]
-            )
-            (root / "qrels" / split).mkdir(parents=True, exist_ok=True)
-            (root / "qrels" / split / f"mbeir_{row.name}_{split}_qrels.txt").write_text(qrels)
+            write_jsonl(root / "query" / split / f"mbeir_{row.name}_{split}.jsonl", queries)
+            write_qrels(root / "qrels" / split / f"mbeir_{row.name}_{split}_qrels.txt", queries)
             union_pools[split].extend(pool)
             if split == "val":
                 union_val.extend(queries)
         if row.dataset == "mscoco":
             for split in ("val", "test"):
-                _write_jsonl(
+                write_jsonl(
                     root / "cand_pool" / "local" / f"mbeir_{row.name}_{split}_cand_pool.jsonl",
                     bench.pools[(row, split)],
                 )
         else:
             # One local pool serves val and test, as in M-BEIR.
-            _write_jsonl(
+            write_jsonl(
                 root / "cand_pool" / "local" / f"mbeir_{row.name}_cand_pool.jsonl",
                 bench.pools[(row, "val")] + bench.pools[(row, "test")],
             )
     for split, pool in union_pools.items():
-        _write_jsonl(root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl", pool)
+        write_jsonl(root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl", pool)
     union_train = []
     for dataset, queries in sorted(train_by_dataset.items()):
-        _write_jsonl(root / "query" / "train" / f"mbeir_{dataset}_train.jsonl", queries)
-        qrels = "".join(f"{q['qid']} 0 {d} 1 {q['task_id']}\n" for q in queries for d in q["pos_cand_list"])
-        (root / "qrels" / "train").mkdir(parents=True, exist_ok=True)
-        (root / "qrels" / "train" / f"mbeir_{dataset}_train_qrels.txt").write_text(qrels)
+        write_jsonl(root / "query" / "train" / f"mbeir_{dataset}_train.jsonl", queries)
+        write_qrels(root / "qrels" / "train" / f"mbeir_{dataset}_train_qrels.txt", queries)
         union_train.extend(queries)
     rng.shuffle(union_train)
-    _write_jsonl(root / "query" / "union_train" / "mbeir_union_up_train.jsonl", union_train)
-    _write_jsonl(root / "query" / "union_val" / "mbeir_union_val.jsonl", union_val)
-    _write_instructions(root, rows)
+    write_jsonl(root / "query" / "union_train" / "mbeir_union_up_train.jsonl", union_train)
+    write_jsonl(root / "query" / "union_val" / "mbeir_union_val.jsonl", union_val)
+    write_instructions(
+        root / "instructions" / "query_instructions.tsv",
+        [(row, INSTRUCTIONS[key]) for key, row in rows.items()],
+    )
     _write_readme(root, bench, rows)
-
-
-def _write_instructions(root: Path, rows: dict[tuple[str, int], Row]) -> None:
-    path = root / "instructions" / "query_instructions.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(
-            [
-                "query_modality",
-                "cand_modality",
-                "dataset_name",
-                "dataset_id",
-                "prompt_1",
-                "prompt_2",
-                "prompt_3",
-                "prompt_4",
-            ]
-        )
-        for key, row in rows.items():
-            q_mod, c_mod = TASKS[row.task_id]
-            writer.writerow([q_mod.value, c_mod.value, row.dataset, row.dataset_id, *INSTRUCTIONS[key]])
 
 
 def _write_readme(root: Path, bench: _Bench, rows: dict[tuple[str, int], Row]) -> None:

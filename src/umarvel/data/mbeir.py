@@ -8,12 +8,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from umarvel.data.io import InputError, read_jsonl
+from umarvel.data.io import InputError, atomic_write, read_jsonl
 from umarvel.data.records import Candidate, Modality, Query
 
 DATASETS = (
@@ -202,7 +202,7 @@ def read_queries(
             Query(
                 qid=qid,
                 text=text,
-                image=(root / image) if (root is not None and image is not None) else image,
+                image=_resolve(root, image),
                 instruction=instruction,
                 positives=positives,
                 negatives=_id_list(record, "neg_cand_list", where),
@@ -236,7 +236,7 @@ def read_pool(path: str | Path, image_root: str | Path | None = None) -> list[Ca
             Candidate(
                 did=did,
                 text=text,
-                image=(root / image) if (root is not None and image is not None) else image,
+                image=_resolve(root, image),
                 source=where,
             )
         )
@@ -266,6 +266,46 @@ def read_qrels(path: str | Path) -> tuple[dict[str, set[str]], dict[str, int]]:
                 qrels.setdefault(qid, set()).add(did)
                 tasks[qid] = task_id
     return qrels, tasks
+
+
+def _resolve(root: Path | None, image: str | None) -> str | Path | None:
+    return root / image if (root is not None and image is not None) else image
+
+
+INSTRUCTIONS_HEADER = (
+    "query_modality",
+    "cand_modality",
+    "dataset_name",
+    "dataset_id",
+    "prompt_1",
+    "prompt_2",
+    "prompt_3",
+    "prompt_4",
+)
+
+
+def write_instructions(path: str | Path, rows: Iterable[tuple[Row, Sequence[str]]]) -> None:
+    """Write a `query_instructions.tsv` with one line per (row, its prompts); empty prompts stay empty."""
+    with atomic_write(path) as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(INSTRUCTIONS_HEADER)
+        for row, prompts in rows:
+            writer.writerow(
+                [
+                    row.query_modality.value,
+                    row.candidate_modality.value,
+                    row.dataset,
+                    row.dataset_id,
+                    *prompts,
+                ]
+            )
+
+
+def write_qrels(path: str | Path, queries: Iterable[dict], extra_lines: Sequence[str] = ()) -> None:
+    """Write TREC-style qrels (`qid 0 did 1 task_id`) for the positives of M-BEIR query records."""
+    lines = [f"{q['qid']} 0 {did} 1 {q['task_id']}\n" for q in queries for did in q["pos_cand_list"]]
+    with atomic_write(path) as handle:
+        handle.write("".join([*lines, *extra_lines]))
 
 
 def _parse_modality(value: object, where: str) -> Modality:

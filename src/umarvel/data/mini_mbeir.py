@@ -8,13 +8,13 @@ topic, so an oracle embedder that maps topics to vectors gets hand-checkable rec
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from PIL import Image
 
-from umarvel.data.mbeir import DATASET_IDS, DATASETS, ROWS, TASKS, Row
+from umarvel.data.io import write_jsonl
+from umarvel.data.mbeir import DATASET_IDS, DATASETS, ROWS, TASKS, Row, write_instructions, write_qrels
 from umarvel.data.records import Modality
 
 COLOURS = {
@@ -93,11 +93,6 @@ class _Builder:
         }
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def _pool_size(row: Row) -> int:
     return 12 if row.k == 10 else 8
 
@@ -121,7 +116,7 @@ def build_mini_mbeir(root: str | Path, queries_per_row: int = 3) -> Path:
                 if row.dataset == "mscoco"
                 else f"mbeir_{row.name}_cand_pool.jsonl"
             )
-            _write_jsonl(root / "cand_pool" / "local" / name, pools[split])
+            write_jsonl(root / "cand_pool" / "local" / name, pools[split])
         test_pools[row.name] = pools["test"]
         for split in SPLITS:
             pool = pools[split] if split in pools else pools["test"]
@@ -139,20 +134,19 @@ def build_mini_mbeir(root: str | Path, queries_per_row: int = 3) -> Path:
     oven_query = row_queries[("oven_task6", "test")][0]
     oven_query["pos_cand_list"].append(test_pools["infoseek_task6"][0]["did"])
     for (name, split), queries in row_queries.items():
-        _write_jsonl(root / "query" / split / f"mbeir_{name}_{split}.jsonl", queries)
-        lines = [f"{q['qid']} 0 {did} 1 {q['task_id']}\n" for q in queries for did in q["pos_cand_list"]]
+        write_jsonl(root / "query" / split / f"mbeir_{name}_{split}.jsonl", queries)
+        extra = []
         if name == "webqa_task1" and split == "test":
-            first = queries[0]
-            lines.append(f"{first['qid']} 0 {test_pools[name][-1]['did']} 0 {first['task_id']}\n")
-        (root / "qrels" / split).mkdir(parents=True, exist_ok=True)
-        (root / "qrels" / split / f"mbeir_{name}_{split}_qrels.txt").write_text("".join(lines))
+            first = queries[0]  # one relevance-0 line, which readers must drop
+            extra.append(f"{first['qid']} 0 {test_pools[name][-1]['did']} 0 {first['task_id']}\n")
+        write_qrels(root / "qrels" / split / f"mbeir_{name}_{split}_qrels.txt", queries, extra)
     union_test = sorted(
         (c for pool in test_pools.values() for c in pool),
         key=lambda c: tuple(int(x) for x in c["did"].split(":")),
     )
-    _write_jsonl(root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl", union_test)
+    write_jsonl(root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl", union_test)
     union_val_queries = [q for (name, split), qs in row_queries.items() if split == "val" for q in qs]
-    _write_jsonl(root / "query" / "union_val" / "mbeir_union_val.jsonl", union_val_queries)
+    write_jsonl(root / "query" / "union_val" / "mbeir_union_val.jsonl", union_val_queries)
     _write_val_pool(root, union_val_queries)
     _write_train_side(root, builder)
     _write_instructions(root)
@@ -170,13 +164,12 @@ def _write_val_pool(root: Path, queries: list[dict]) -> None:
             record = json.loads(line)
             if record["did"] in wanted:
                 seen[record["did"]] = record
-    _write_jsonl(root / "cand_pool" / "global" / "mbeir_union_val_cand_pool.jsonl", list(seen.values()))
+    write_jsonl(root / "cand_pool" / "global" / "mbeir_union_val_cand_pool.jsonl", list(seen.values()))
 
 
 def _write_train_side(root: Path, builder: _Builder) -> None:
     train_pool: list[dict] = []
     union: list[dict] = []
-    qrels_lines: dict[str, list[str]] = {d: [] for d in DATASETS}
     per_dataset: dict[str, list[dict]] = {d: [] for d in DATASETS}
     for row in ROWS:
         pool = [builder.candidate(row.dataset, row.candidate_modality, t) for t in range(6)]
@@ -185,18 +178,14 @@ def _write_train_side(root: Path, builder: _Builder) -> None:
             negatives = [pool[(t + 2) % len(pool)]["did"]] if t % 2 else []
             query = builder.query(row.dataset, row.task_id, t, [pool[t]["did"]], negatives)
             per_dataset[row.dataset].append(query)
-            qrels_lines[row.dataset].append(f"{query['qid']} 0 {pool[t]['did']} 1 {row.task_id}\n")
     for dataset, queries in per_dataset.items():
-        _write_jsonl(root / "query" / "train" / f"mbeir_{dataset}_train.jsonl", queries)
-        (root / "qrels" / "train").mkdir(parents=True, exist_ok=True)
-        (root / "qrels" / "train" / f"mbeir_{dataset}_train_qrels.txt").write_text(
-            "".join(qrels_lines[dataset])
-        )
+        write_jsonl(root / "query" / "train" / f"mbeir_{dataset}_train.jsonl", queries)
+        write_qrels(root / "qrels" / "train" / f"mbeir_{dataset}_train_qrels.txt", queries)
         union.extend(queries)
         if dataset in ("webqa", "nights", "cirr"):
             union.extend(queries[:2])  # upsampling: duplicated qids, as in mbeir_union_up_train
-    _write_jsonl(root / "query" / "union_train" / "mbeir_union_up_train.jsonl", union)
-    _write_jsonl(root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl", train_pool)
+    write_jsonl(root / "query" / "union_train" / "mbeir_union_up_train.jsonl", union)
+    write_jsonl(root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl", train_pool)
     # U-MARVEL-style mined negatives, aligned line by line with the union train file.
     dids = [c["did"] for c in train_pool]
     mined = []
@@ -212,7 +201,7 @@ def _write_train_side(root: Path, builder: _Builder) -> None:
                 "score": [round(1.0 - 0.05 * r, 4) for r in range(len(ranked))],
             }
         )
-    _write_jsonl(root / "mined" / "mbeir_union_up_train_negatives.jsonl", mined)
+    write_jsonl(root / "mined" / "mbeir_union_up_train_negatives.jsonl", mined)
 
 
 INSTRUCTION_TEMPLATES = {
@@ -238,35 +227,10 @@ INSTRUCTION_TEMPLATES = {
 
 
 def _write_instructions(root: Path) -> None:
-    path = root / "instructions" / "query_instructions.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(
-            [
-                "query_modality",
-                "cand_modality",
-                "dataset_name",
-                "dataset_id",
-                "prompt_1",
-                "prompt_2",
-                "prompt_3",
-                "prompt_4",
-            ]
-        )
-        for row in ROWS:
-            what = {
-                Modality.TEXT: "caption",
-                Modality.IMAGE: "photo",
-                Modality.IMAGE_TEXT: "photo and question",
-            }[row.query_modality]
-            prompts = [p.format(what=what) for p in INSTRUCTION_TEMPLATES[row.candidate_modality]]
-            writer.writerow(
-                [
-                    row.query_modality.value,
-                    row.candidate_modality.value,
-                    row.dataset,
-                    row.dataset_id,
-                    *prompts,
-                ]
-            )
+    rows = []
+    for row in ROWS:
+        what = {Modality.TEXT: "caption", Modality.IMAGE: "photo", Modality.IMAGE_TEXT: "photo and question"}[
+            row.query_modality
+        ]
+        rows.append((row, [p.format(what=what) for p in INSTRUCTION_TEMPLATES[row.candidate_modality]]))
+    write_instructions(root / "instructions" / "query_instructions.tsv", rows)

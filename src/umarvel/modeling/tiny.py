@@ -144,118 +144,68 @@ def _qwen_image_processor_kwargs(patch_size: int) -> dict[str, Any]:
     }
 
 
-def build_tiny_qwen2_vl() -> tuple[torch.nn.Module, Any]:
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLImageProcessor,
-        Qwen2VLModel,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _build_tiny_qwen(
+    names: tuple[str, str, str, str], vision_config: dict[str, Any], rope_extra: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """A tiny Qwen-VL family member from transformers class names (config, model, processor, video)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
+    config_class, model_class, processor_class, video_class = (getattr(transformers, n) for n in names)
     tokenizer = _qwen_tokenizer()
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    config = Qwen2VLConfig(
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], **(rope_extra or {})}
+    common_vision = {"spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 2}
+    config = config_class(
         text_config=_text_config(tokenizer, rope_parameters=rope),
-        vision_config={
-            "depth": 1,
-            "embed_dim": 32,
-            "hidden_size": 64,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config={**common_vision, **vision_config},
         **_qwen_ids(tokenizer),
     )
-    kw = _qwen_image_processor_kwargs(14)
-    processor = Qwen2VLProcessor(
+    kw = _qwen_image_processor_kwargs(vision_config["patch_size"])
+    processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**kw),
-        video_processor=Qwen2VLVideoProcessor(**kw),
+        video_processor=video_class(**kw),
         tokenizer=tokenizer,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    return Qwen2VLModel(config), processor
+    return model_class(config), processor
+
+
+def build_tiny_qwen2_vl() -> tuple[torch.nn.Module, Any]:
+    return _build_tiny_qwen(
+        ("Qwen2VLConfig", "Qwen2VLModel", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+        {"depth": 1, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "patch_size": 14},
+    )
 
 
 def build_tiny_qwen2_5_vl() -> tuple[torch.nn.Module, Any]:
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLModel,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    tokenizer = _qwen_tokenizer()
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    config = Qwen2_5_VLConfig(
-        text_config=_text_config(tokenizer, rope_parameters=rope),
-        vision_config={
+    return _build_tiny_qwen(
+        ("Qwen2_5_VLConfig", "Qwen2_5_VLModel", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+        {
             "depth": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
-            "num_heads": 2,
             "out_hidden_size": 64,
             "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
             "window_size": 56,
             "fullatt_block_indexes": [1],
         },
-        **_qwen_ids(tokenizer),
     )
-    kw = _qwen_image_processor_kwargs(14)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**kw),
-        video_processor=Qwen2VLVideoProcessor(**kw),
-        tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    return Qwen2_5_VLModel(config), processor
 
 
 def build_tiny_qwen3_vl() -> tuple[torch.nn.Module, Any]:
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLModel,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
-
-    tokenizer = _qwen_tokenizer()
-    rope = {
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "mrope_section": [2, 3, 3],
-        "mrope_interleaved": True,
-    }
-    config = Qwen3VLConfig(
-        text_config=_text_config(tokenizer, rope_parameters=rope),
-        vision_config={
+    return _build_tiny_qwen(
+        ("Qwen3VLConfig", "Qwen3VLModel", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+        {
             "depth": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
-            "num_heads": 2,
             "out_hidden_size": 64,
             "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
             "num_position_embeddings": 64,
             "deepstack_visual_indexes": [0],
         },
-        **_qwen_ids(tokenizer),
+        rope_extra={"mrope_interleaved": True},
     )
-    kw = _qwen_image_processor_kwargs(16)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**kw),
-        video_processor=Qwen3VLVideoProcessor(**kw),
-        tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    return Qwen3VLModel(config), processor
 
 
 def build_tiny_smolvlm() -> tuple[torch.nn.Module, Any]:
