@@ -100,3 +100,11 @@ def test_backbones_lists_every_family() -> None:
     assert result.exit_code == 0
     for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "composed"):
         assert family in result.output
+
+
+def test_make_mini_mbeir_writes_the_tree_and_a_manifest(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["make-mini-mbeir", str(tmp_path / "M-BEIR")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "M-BEIR" / "manifest.json").read_text())
+    assert manifest["command"] == "make-mini-mbeir"
+    assert (tmp_path / "M-BEIR" / "instructions" / "query_instructions.tsv").is_file()

@@ -114,9 +114,12 @@ def make_mini_mbeir(
     output: Annotated[Path, typer.Argument(help="folder to create (the M-BEIR root)")],
 ) -> None:
     """Write the deterministic mini M-BEIR test fixture (all 16 rows, tiny images)."""
+    from umarvel.config.manifest import write_manifest
     from umarvel.data.mini_mbeir import build_mini_mbeir
 
-    console.print(f"wrote {build_mini_mbeir(output)}")
+    root = build_mini_mbeir(output)
+    write_manifest(root, "make-mini-mbeir", {"queries_per_row": 3})
+    console.print(f"wrote {root}")
 
 
 @app.command("make-benchmark")
@@ -127,12 +130,21 @@ def make_benchmark(
     max_queries: Annotated[int, typer.Option(help="cap on queries per row and split")] = 150,
 ) -> None:
     """Build an M-BEIR-format benchmark from the real photos and texts in ../shared/data."""
-    from umarvel.data.convert import build_benchmark
+    from umarvel.config.manifest import write_manifest
+    from umarvel.data.convert import benchmark_rows, build_benchmark
 
     try:
         root = build_benchmark(shared_data, output, seed=seed, max_queries=max_queries)
     except InputError as error:
         _fail(error)
+    sources = ("flickr8k-800/captions.csv", "coco-mini/captions.csv", "clothing-small", "scifact")
+    write_manifest(
+        root,
+        "make-benchmark",
+        {"seed": seed, "max_queries": max_queries},
+        inputs={name: shared_data / name for name in sources},
+        extra={"rows": [row.name for row in benchmark_rows(root)]},
+    )
     console.print((root / "README.md").read_text())
 
 
