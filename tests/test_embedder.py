@@ -66,7 +66,7 @@ def test_a_saved_embedder_reloads_to_the_same_embeddings(tmp_path: Path, family:
     before = embedder.encode_candidates(inputs, progress=False)
     embedder.save_pretrained(tmp_path / "ckpt")
     reloaded = Embedder.from_pretrained(str(tmp_path / "ckpt"))
-    assert reloaded.config.pooling == "last_token"
+    assert reloaded.settings.pooling == "last_token"
     assert math.isclose(float(reloaded.temperature.detach()), 0.07, rel_tol=1e-5)
     np.testing.assert_allclose(reloaded.encode_candidates(inputs, progress=False), before, atol=1e-5)
 

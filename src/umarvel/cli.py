@@ -109,6 +109,37 @@ def demo(
         _fail(error)
 
 
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="stage recipe (YAML, only what differs from the defaults)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="build everything with a tiny model, 2 steps")
+    ] = False,
+    dry_run_dir: Annotated[Path, typer.Option(help="where a dry run writes")] = Path("runs/dry-run"),
+    family: Annotated[
+        str, typer.Option(help="dry run: tiny family when the recipe's model is not built yet")
+    ] = ("qwen2_vl"),
+) -> None:
+    """Run one training stage (resumes from its newest checkpoint when rerun)."""
+    from umarvel.pipeline.train import dry_run as run_dry
+    from umarvel.pipeline.train import train_stage
+
+    try:
+        config = load_config(recipe, overrides or [])
+        if dry_run:
+            summary = run_dry(config, dry_run_dir / recipe.stem, family=family)
+            console.print(
+                f"dry run of {recipe}: {summary['steps']} steps with {summary['model']} -> "
+                f"{summary['output_dir']}"
+            )
+            return
+        model_dir = train_stage(config)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    console.print(f"stage {config.stage} done: {model_dir}")
+
+
 @app.command("make-mini-mbeir")
 def make_mini_mbeir(
     output: Annotated[Path, typer.Argument(help="folder to create (the M-BEIR root)")],

@@ -10,6 +10,9 @@ AttentionMode = Literal["causal", "bidirectional"]
 AttentionKernel = Literal["eager", "sdpa", "flash_attention_2"]
 DType = Literal["float32", "bfloat16", "float16"]
 InstructionChoice = Literal["hash", "first"]
+SourceKind = Literal["nli_csv", "sick", "stsb", "beir", "image_captions", "mbeir"]
+SplitName = Literal["train", "val", "test", "all"]
+TrainableModule = Literal["vision", "projector"]
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,102 @@ class MBeirConfig:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """One training or evaluation source.
+
+    kind: `nli_csv` (SimCSE sent0/sent1/hard_neg), `sick` (ENTAILMENT pairs), `stsb` (pairs scored
+        >= 4), `beir` (queries -> relevant documents), `image_captions` (caption -> photo, csv or jsonl),
+        `mbeir` (an M-BEIR query file with instructions; candidates from `pool`).
+    path: the file (or BEIR folder, or M-BEIR root for `mbeir`).
+    split: `beir` split name; for `image_captions`, the held split by a stable hash of the image name
+        (test 20 %, val 10 %, train the rest), or `all`.
+    pool: `mbeir` only: the candidate pool file, relative to the M-BEIR root.
+    image_root: images are relative to this folder (default: beside the file).
+    max_rows: keep the first n rows (after splitting); 0 keeps all.
+    """
+
+    kind: SourceKind
+    path: str
+    split: SplitName = "train"
+    pool: str = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
+    queries: str = "query/union_train/mbeir_union_up_train.jsonl"
+    image_root: str | None = None
+    max_rows: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training sources (mixed and shuffled together) and an optional held-aside evaluation source."""
+
+    train: tuple[DataSource, ...] = ()
+    eval: DataSource | None = None
+    eval_k: tuple[int, ...] = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the language model's linear layers (targets from the backbone registry)."""
+
+    enabled: bool = True
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage.
+
+    Loss: symmetric adds the candidate->query direction; hard_negatives k per query (stage B);
+        mask_false_negatives masks in-batch candidates that share the positive's id; gather_across_devices
+        uses every device's batch as negatives.
+    Optimiser: AdamW, cosine schedule with warm-up; temperature_lr is the temperature's own learning
+        rate (defaults to learning_rate).
+    Batching: per_device_batch_size queries per step and device; gradcache_chunk_size > 0 embeds the
+        batch in chunks of that size with GradCache (same gradients, activations of one chunk).
+    Model: LoRA on the language model; trainable_modules are trained in full (the composed backbone's
+        projector must be); everything else is frozen.
+    """
+
+    learning_rate: float = 2e-4
+    temperature_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch_size: int = 32
+    gradcache_chunk_size: int = 0
+    symmetric: bool = False
+    hard_negatives: int = 0
+    mask_false_negatives: bool = True
+    gather_across_devices: bool = True
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    trainable_modules: tuple[TrainableModule, ...] = ()
+    merge_lora: bool = True
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    dataloader_workers: int = 0
+    deepspeed: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.per_device_batch_size < 1:
+            raise ValueError("per_device_batch_size must be at least 1")
+        if self.gradcache_chunk_size < 0 or self.hard_negatives < 0:
+            raise ValueError("gradcache_chunk_size and hard_negatives cannot be negative")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Top-level recipe: every group, the seed and the output folder."""
 
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     mbeir: MBeirConfig = field(default_factory=MBeirConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: str = "train"
     seed: int = 42
     output_dir: str = "runs/default"

@@ -9,7 +9,6 @@ written into the benchmark's README.md.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 from umarvel.data.io import InputError, read_jsonl, write_jsonl
 from umarvel.data.mbeir import DATASET_IDS, TASKS, Row, write_instructions, write_qrels
 from umarvel.data.records import Modality
+from umarvel.data.sampling import held_split, stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +105,7 @@ QUESTIONS = ("What is happening in this photo?", "What does this picture show?",
 
 
 def _bucket(name: str, salt: str, n: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:8], "big") % n
-
-
-def _split_of(name: str) -> str:
-    b = _bucket(name, "split", 10)
-    return "test" if b < 2 else "val" if b < 3 else "train"
+    return stable_hash(salt, name) % n
 
 
 @dataclass
@@ -206,19 +201,19 @@ def build_benchmark(
     _link_images(root, "mscoco", "coco", shared / "coco-mini" / "images")
 
     for name, texts in groups["mscoco"]:
-        split, image = _split_of(name), f"mbeir_images/mscoco_images/{name}"
+        split, image = held_split(name), f"mbeir_images/mscoco_images/{name}"
         pool_split = split
         did_image = bench.candidate(rows[("mscoco", 0)], pool_split, None, image)
         bench.query(rows[("mscoco", 0)], split, rng.choice(texts), None, [did_image])
         caption_dids = [bench.candidate(rows[("mscoco", 3)], pool_split, t, None) for t in texts]
         bench.query(rows[("mscoco", 3)], split, None, image, caption_dids)
     for name, texts in groups["edis"]:
-        split, image = _split_of(name), f"mbeir_images/edis_images/{name}"
+        split, image = held_split(name), f"mbeir_images/edis_images/{name}"
         query_text, candidate_text = rng.sample(texts, 2)
         did = bench.candidate(rows[("edis", 2)], split, candidate_text, image)
         bench.query(rows[("edis", 2)], split, query_text, None, [did])
     for name, texts in groups["oven"]:
-        split, image = _split_of(name), f"mbeir_images/oven_images/{name}"
+        split, image = held_split(name), f"mbeir_images/oven_images/{name}"
         dids = [bench.candidate(rows[("oven", 6)], split, t, None) for t in texts]
         bench.query(rows[("oven", 6)], split, rng.choice(QUESTIONS), image, dids)
 

@@ -126,3 +126,66 @@ def read_beir(folder: str | Path, split: str = "test") -> BeirSet:
         text = f"{title}. {body}" if title and body else (title or body)
         corpus.append(Candidate(did=str(record["_id"]), text=_text(text, "title/text", where), source=where))
     return BeirSet(queries=queries, corpus=corpus, qrels=qrels)
+
+
+def read_sick_entailment(path: str | Path) -> list[TrainGroup]:
+    """SICK (`pair_ID, sentence_A, sentence_B, relatedness_score, entailment_judgment`): the ENTAILMENT
+    pairs as text-to-text training groups."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    groups = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.DictReader(handle, delimiter="\t"), start=2):
+            where = f"{path}:{number}"
+            _require(row, ("pair_ID", "sentence_A", "sentence_B", "entailment_judgment"), where)
+            if row["entailment_judgment"] != "ENTAILMENT":
+                continue
+            groups.append(
+                TrainGroup(
+                    query=Query(
+                        qid=f"sick:{row['pair_ID']}",
+                        text=_text(row["sentence_A"], "sentence_A", where),
+                        source=where,
+                    ),
+                    positive=Candidate(
+                        did=f"sick:{row['pair_ID']}:b",
+                        text=_text(row["sentence_B"], "sentence_B", where),
+                        source=where,
+                    ),
+                )
+            )
+    return groups
+
+
+def read_stsb_pairs(path: str | Path, min_score: float = 4.0) -> list[TrainGroup]:
+    """STS Benchmark tsv (genre, file, year, id, score, s1, s2[, sources]): pairs scored >= min_score."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    groups = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            cells = line.rstrip("\n").split("\t")
+            if len(cells) < 7:
+                raise InputError(
+                    f"{path}:{number}", f"expected at least 7 tab-separated columns, got {len(cells)}"
+                )
+            try:
+                score = float(cells[4])
+            except ValueError:
+                raise InputError(f"{path}:{number}", f"score {cells[4]!r} is not a number") from None
+            if score < min_score:
+                continue
+            where = f"{path}:{number}"
+            groups.append(
+                TrainGroup(
+                    query=Query(
+                        qid=f"stsb:{path.stem}:{number}", text=_text(cells[5], "s1", where), source=where
+                    ),
+                    positive=Candidate(
+                        did=f"stsb:{path.stem}:{number}:b", text=_text(cells[6], "s2", where), source=where
+                    ),
+                )
+            )
+    return groups

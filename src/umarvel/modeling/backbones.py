@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class BackboneSpec:
         nested_images: the processor wants one image list per sample rather than a flat list.
         tiny: import path of a builder returning (model, processor) with random tiny weights.
         fp32_modules: submodules kept in float32 whatever the model dtype (small, precision-sensitive).
+        lora_targets: names of the language model's linear layers that get LoRA adapters.
     """
 
     family: str
@@ -56,6 +58,22 @@ class BackboneSpec:
     nested_images: bool
     tiny: str
     fp32_modules: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+    def lora_target_regex(self) -> str:
+        """A regex (PEFT full match) for the LoRA layers: only inside the language model, never the
+        vision tower (the official Qwen3-VL runs put LoRA on ViT layers by a substring rule)."""
+        names = "|".join(self.lora_targets)
+        language = re.escape(self.language_module)
+        return rf"(.*\.)?{language}\..*\.({names})"
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -176,8 +194,23 @@ class Backbone:
     source: str
 
     @property
+    def base_model(self) -> nn.Module:
+        """The backbone without a PEFT wrapper, if one was applied for training."""
+        unwrap = getattr(self.model, "get_base_model", None)
+        return unwrap() if callable(unwrap) else self.model
+
+    @property
     def language_model(self) -> nn.Module:
-        return self.model.get_submodule(self.spec.language_module)
+        return self.base_model.get_submodule(self.spec.language_module)
+
+    def submodule(self, role: str) -> nn.Module:
+        """The vision tower, projector or language model by role name."""
+        names = {
+            "vision": self.spec.vision_module,
+            "projector": self.spec.projector_module,
+            "language": self.spec.language_module,
+        }
+        return self.base_model.get_submodule(names[role])
 
     @property
     def hidden_size(self) -> int:

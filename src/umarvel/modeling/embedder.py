@@ -51,7 +51,7 @@ class Embedder(nn.Module):
 
     def __init__(self, backbone: Backbone, config: EmbedderConfig) -> None:
         super().__init__()
-        self.config = config
+        self.settings = config
         self.backbone = backbone
         self.model = backbone.model  # registered so .to(), .parameters() and saving see it
         set_attention_mode(backbone.language_model, config.attention)
@@ -94,16 +94,38 @@ class Embedder(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.backbone.save(directory)
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "model"}
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "model"}
         settings["temperature"] = float(self.temperature.detach())
         (directory / EMBEDDER_FILE).write_text(json.dumps(settings, indent=2))
         save_file({"log_temperature": self.log_temperature.detach().cpu()}, directory / TEMPERATURE_FILE)
         assert (directory / CHECKPOINT_FILE).is_file()
 
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Recompute the backbone's activations in backward (the Trainer calls this)."""
+        base = self.backbone.base_model
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+            every_n_layers=every_n_layers,
+            offload=offload,
+        )
+        # With frozen embeddings (LoRA), checkpointed blocks need an input that requires grad.
+        base.enable_input_require_grads()
+
+    @property
+    def config(self) -> Any:
+        """The backbone's transformers config, which `Trainer`, accelerate and DeepSpeed read; our
+        embedding settings are `settings`."""
+        return self.backbone.base_model.config
+
     @property
     def temperature(self) -> torch.Tensor:
         """exp(log_temperature), clamped to [temperature_min, temperature_max]."""
-        low, high = math.log(self.config.temperature_min), math.log(self.config.temperature_max)
+        low, high = math.log(self.settings.temperature_min), math.log(self.settings.temperature_max)
         return self.log_temperature.clamp(low, high).exp()
 
     @property
@@ -117,8 +139,8 @@ class Embedder(nn.Module):
     def forward(self, batch: EncodedBatch) -> torch.Tensor:
         """Embeddings (B, H), float32, L2-normalised when `normalize`."""
         hidden = self.backbone.forward(batch.inputs)  # (B, L, H)
-        pooled = pool(hidden.float(), batch.pooling_mask, self.config.pooling)  # (B, H)
-        return functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
+        pooled = pool(hidden.float(), batch.pooling_mask, self.settings.pooling)  # (B, H)
+        return functional.normalize(pooled, dim=-1) if self.settings.normalize else pooled
 
     # ---- inference -------------------------------------------------------------------------------
 
@@ -153,7 +175,7 @@ class Embedder(nn.Module):
             raise InputError(where, f"cannot encode a {type(value).__name__}")
         if isinstance(image, (str, Path)) and base is not None and not Path(image).is_absolute():
             image = base / image
-        loaded = load_image(image, self.config.max_image_pixels, where=where) if image is not None else None
+        loaded = load_image(image, self.settings.max_image_pixels, where=where) if image is not None else None
         if text is not None and not isinstance(text, str):
             raise InputError(where, f"text must be a string, got {type(text).__name__}")
         return EncodeItem(text=text, image=loaded, instruction=instruction, where=where)
@@ -181,7 +203,7 @@ class Embedder(nn.Module):
         description: str = "encoding",
     ) -> Iterator[np.ndarray]:
         """Yield embeddings (float32, input order) chunk by chunk, so callers can checkpoint."""
-        batch_size = batch_size or self.config.batch_size
+        batch_size = batch_size or self.settings.batch_size
         self.eval()
         with _progress(progress) as bar:
             task = bar.add_task(description, total=len(items))

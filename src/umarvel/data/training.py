@@ -1,0 +1,153 @@
+"""Training rows from every source kind, and the dataset that samples a positive per (seed, epoch, row).
+
+A row holds a query and all its positives (and optional hard negatives); each epoch, `TrainingSet`
+picks one positive per row, seeded by (seed, epoch, row), so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from umarvel.config.schema import DataSource
+from umarvel.data.collator import EncodeItem
+from umarvel.data.io import InputError
+from umarvel.data.mbeir import Instructions, read_pool, read_queries
+from umarvel.data.media import load_image
+from umarvel.data.pairs import (
+    read_beir,
+    read_image_captions,
+    read_nli_triples,
+    read_sick_entailment,
+    read_stsb_pairs,
+)
+from umarvel.data.records import Candidate, Query, TrainGroup
+from umarvel.data.sampling import held_split, pick_negatives, pick_positive, stable_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    """A query with every acceptable positive and its hard negatives (ranked, best first)."""
+
+    query: Query
+    positives: tuple[Candidate, ...]
+    negatives: tuple[Candidate, ...] = ()
+
+
+def _from_groups(groups: Sequence[TrainGroup]) -> list[TrainRow]:
+    return [TrainRow(g.query, (g.positive,), g.negatives) for g in groups]
+
+
+def _image_name(candidate: Candidate) -> str:
+    return Path(str(candidate.image)).name
+
+
+def load_rows(source: DataSource) -> list[TrainRow]:
+    """Rows of one source (see `DataSource` for the kinds)."""
+    path = Path(source.path)
+    if source.kind == "nli_csv":
+        rows = _from_groups(read_nli_triples(path))
+    elif source.kind == "sick":
+        rows = _from_groups(read_sick_entailment(path))
+    elif source.kind == "stsb":
+        rows = _from_groups(read_stsb_pairs(path))
+    elif source.kind == "beir":
+        beir = read_beir(path, source.split)
+        corpus = {c.did: c for c in beir.corpus}
+        rows = []
+        for query in beir.queries:
+            positives = tuple(
+                corpus[d] for d, score in beir.qrels[query.qid].items() if score > 0 and d in corpus
+            )
+            if positives:
+                rows.append(TrainRow(query, positives))
+    elif source.kind == "image_captions":
+        groups = read_image_captions(path, source.image_root)
+        if source.split != "all":
+            groups = [g for g in groups if held_split(_image_name(g.positive)) == source.split]
+        rows = _from_groups(groups)
+    elif source.kind == "mbeir":
+        rows = _mbeir_rows(path, source)
+    else:  # pragma: no cover - the schema's Literal rules this out
+        raise ValueError(f"unknown source kind {source.kind!r}")
+    if source.max_rows:
+        rows = rows[: source.max_rows]
+    if not rows:
+        raise InputError(path, f"no training rows for split {source.split!r}")
+    logger.info("%s %s: %d rows", source.kind, path, len(rows))
+    return rows
+
+
+def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
+    instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv")
+    queries = read_queries(root / source.queries, instructions, image_root=root)
+    pool = {c.did: c for c in read_pool(root / source.pool, image_root=root)}
+    rows = []
+    for query in queries:
+        positives = tuple(pool[d] for d in query.positives if d in pool)
+        if not positives:
+            raise InputError(
+                query.source, f"none of the positives of {query.qid} is in the pool {source.pool}"
+            )
+        negatives = tuple(pool[d] for d in query.negatives if d in pool)
+        rows.append(TrainRow(query, positives, negatives))
+    return rows
+
+
+def _encode_item(record: Query | Candidate, max_pixels: int, with_instruction: bool) -> EncodeItem:
+    image = load_image(record.image, max_pixels, where=record.source) if record.image is not None else None
+    instruction = record.instruction if with_instruction and isinstance(record, Query) else None
+    return EncodeItem(text=record.text, image=image, instruction=instruction, where=record.source)
+
+
+class TrainingSet(Dataset):
+    """Map-style dataset of training rows; item i is (query, one positive, k negatives) for the epoch.
+
+    Args:
+        rows: the training rows (any mix of sources).
+        seed: the run's seed; with the epoch and row index it fixes every random choice.
+        hard_negatives: k negatives per query, the top k of the row's ranked negatives.
+        max_image_pixels: images are downscaled to this budget when loaded.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[TrainRow],
+        seed: int,
+        hard_negatives: int = 0,
+        max_image_pixels: int = 300 * 28 * 28,
+    ) -> None:
+        self.rows = list(rows)
+        self.seed = seed
+        self.hard_negatives = hard_negatives
+        self.max_image_pixels = max_image_pixels
+        self.epoch = 0
+        if hard_negatives:
+            short = [r.query.source for r in self.rows if not r.negatives]
+            if short:
+                raise InputError(short[0], f"row has no hard negatives but hard_negatives={hard_negatives}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        positive = pick_positive(row.positives, self.seed, self.epoch, index)
+        negatives = pick_negatives(row.negatives, self.hard_negatives, self.seed, self.epoch, index)
+        return {
+            "query": _encode_item(row.query, self.max_image_pixels, with_instruction=True),
+            "positive": _encode_item(positive, self.max_image_pixels, with_instruction=False),
+            "negatives": [_encode_item(n, self.max_image_pixels, with_instruction=False) for n in negatives],
+            "positive_id": stable_id(positive.did),
+            "negative_ids": [stable_id(n.did) for n in negatives],
+        }

@@ -1,0 +1,295 @@
+"""Contrastive training of the embedder on the Hugging Face `Trainer`, with an optional GradCache step.
+
+The trainer only encodes, computes the loss parts and logs them; DeepSpeed, FSDP, torchrun/accelerate,
+bf16, checkpointing and resumption come from `Trainer` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from umarvel.config.schema import TrainConfig
+from umarvel.data.collator import Collator, EncodedBatch
+from umarvel.losses.contrastive import info_nce
+from umarvel.losses.distributed import world_size
+from umarvel.modeling.embedder import Embedder
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def _to_dict(batch: EncodedBatch) -> dict[str, Any]:
+    return {"inputs": batch.inputs, "pooling_mask": batch.pooling_mask}
+
+
+def _to_batch(chunk: dict[str, Any]) -> EncodedBatch:
+    return EncodedBatch(chunk["inputs"], chunk["pooling_mask"])
+
+
+class ContrastiveCollator:
+    """Training examples -> chunks of backbone inputs for queries, positives and hard negatives.
+
+    With `chunk_size` 0 each side is one chunk; otherwise chunks of at most `chunk_size` items, the
+    unit GradCache embeds at a time.
+    """
+
+    def __init__(self, collator: Collator, chunk_size: int = 0) -> None:
+        self.collator = collator
+        self.chunk_size = chunk_size
+
+    def _chunks(self, items: Sequence[Any]) -> list[dict[str, Any]]:
+        size = self.chunk_size or len(items)
+        return [_to_dict(self.collator(items[i : i + size])) for i in range(0, len(items), size)]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = {
+            "queries": self._chunks([e["query"] for e in examples]),
+            "positives": self._chunks([e["positive"] for e in examples]),
+            "positive_ids": torch.tensor([e["positive_id"] for e in examples], dtype=torch.long),
+        }
+        negatives = [n for e in examples for n in e["negatives"]]
+        if negatives:
+            batch["negatives"] = self._chunks(negatives)
+            batch["negative_ids"] = torch.tensor([e["negative_ids"] for e in examples], dtype=torch.long)
+        return batch
+
+
+def _scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """Same value, gradient multiplied by `factor`."""
+    return tensor * factor + tensor.detach() * (1.0 - factor)
+
+
+class _EpochCallback(TrainerCallback):
+    """Tell the dataset which epoch it serves, so positives are sampled per (seed, epoch, row)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(state.epoch or 0))
+
+
+class _RngState:
+    """CPU and CUDA random states captured before a chunk's first forward, replayed for its second."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class EmbedderTrainer(Trainer):
+    """`Trainer` for an `Embedder`: InfoNCE parts, their logging, the temperature's learning rate,
+    trainable-only checkpoints, and GradCache when `gradcache_chunk_size` > 0."""
+
+    def __init__(self, *, model: Embedder, train_config: TrainConfig, **kwargs: Any) -> None:
+        self.train_config = train_config
+        self._parts: dict[str, list[float]] = defaultdict(list)
+        super().__init__(model=model, **kwargs)
+        # Set by the training loop; a default lets `training_step` run on its own (tests, debugging).
+        self.current_gradient_accumulation_steps = 1
+        self.add_callback(_EpochCallback(self.train_dataset))
+
+    # ---- loss ------------------------------------------------------------------------------------
+
+    def _embedder(self, model: torch.nn.Module) -> Embedder:
+        return self.accelerator.unwrap_model(model)
+
+    def _loss(
+        self,
+        model: torch.nn.Module,
+        queries: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor | None,
+        inputs: dict[str, Any],
+    ) -> torch.Tensor:
+        config = self.train_config
+        gather = config.gather_across_devices and world_size() > 1
+        scale = float(world_size()) if gather else 1.0
+        # Every rank computes the loss of the global batch; DDP averages gradients over ranks, so the
+        # embeddings' path is scaled by the world size, and the temperature (shared, identical on every
+        # rank) has that scale undone.
+        temperature = _scale_gradient(self._embedder(model).temperature, 1.0 / scale)
+        if negatives is not None:
+            negatives = negatives.view(queries.shape[0], config.hard_negatives, -1)  # (N, k, D)
+        masking = config.mask_false_negatives
+        parts = info_nce(
+            queries,
+            positives,
+            temperature,
+            negatives=negatives,
+            positive_ids=inputs["positive_ids"] if masking else None,
+            negative_ids=inputs.get("negative_ids") if masking else None,
+            symmetric=config.symmetric,
+            gather=gather,
+        )
+        for name, value in parts.items():
+            self._parts[name].append(float(value.detach()))
+        return sum(parts.values()) * scale
+
+    @staticmethod
+    def _embed(model: torch.nn.Module, chunks: list[dict[str, Any]] | None) -> torch.Tensor | None:
+        if chunks is None:
+            return None
+        return torch.cat([model(_to_batch(chunk)) for chunk in chunks])  # (n, D)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
+        queries = self._embed(model, inputs["queries"])
+        positives = self._embed(model, inputs["positives"])
+        negatives = self._embed(model, inputs.get("negatives"))
+        loss = self._loss(model, queries, positives, negatives, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        if not self.train_config.gradcache_chunk_size:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self._gradcache_step(model, inputs)
+
+    def _gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """GradCache (Gao et al., 2021): embed every chunk without a graph, take the loss's gradient with
+        respect to the embeddings, then re-embed chunk by chunk with a graph and back-propagate that
+        gradient. Random states are replayed so dropout masks match between the two passes."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        sides = [name for name in ("queries", "positives", "negatives") if name in inputs]
+        states: dict[str, list[_RngState]] = {}
+        cached: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for side in sides:
+                states[side], cached[side] = [], []
+                for chunk in inputs[side]:
+                    states[side].append(_RngState())
+                    cached[side].append(model(_to_batch(chunk)))
+        leaves = {side: [c.detach().requires_grad_() for c in cached[side]] for side in sides}
+        with self.compute_loss_context_manager():
+            loss = (
+                self._loss(
+                    model,
+                    torch.cat(leaves["queries"]),
+                    torch.cat(leaves["positives"]),
+                    torch.cat(leaves["negatives"]) if "negatives" in leaves else None,
+                    inputs,
+                )
+                / self.current_gradient_accumulation_steps
+            )
+        # Gradients reach the cached embeddings and the temperature, never the backbone, here.
+        loss.backward()
+        chunks = [(side, i) for side in sides for i in range(len(inputs[side]))]
+        for position, (side, i) in enumerate(chunks):
+            last = position == len(chunks) - 1
+            sync = self.accelerator.no_sync(model) if not last else contextlib.nullcontext()
+            with sync:
+                rng = torch.random.fork_rng(devices=list(range(torch.cuda.device_count())))
+                with rng:
+                    states[side][i].restore()
+                    with self.compute_loss_context_manager():
+                        embedding = model(_to_batch(inputs[side][i]))
+                    surrogate = (embedding * leaves[side][i].grad).sum()
+                self.accelerator.backward(surrogate)
+        return loss.detach()
+
+    # ---- optimiser, logging, checkpoints --------------------------------------------------------------
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            embedder = self._embedder(self.model if model is None else model)
+            temperature = embedder.log_temperature
+            others = [p for p in embedder.parameters() if p.requires_grad and p is not temperature]
+            groups: list[dict[str, Any]] = [{"params": others, "weight_decay": self.args.weight_decay}]
+            if temperature.requires_grad:
+                lr = self.train_config.temperature_lr or self.args.learning_rate
+                groups.append({"params": [temperature], "weight_decay": 0.0, "lr": lr})
+            self.optimizer = torch.optim.AdamW(
+                groups,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for name, values in self._parts.items():
+                logs[f"loss/{name}"] = round(sum(values) / max(1, len(values)), 5)
+            logs["temperature"] = round(float(self._embedder(self.model).temperature.detach()), 5)
+            self._parts.clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints hold only what this stage trains (adapters, open modules, the temperature)."""
+        directory = Path(output_dir or self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        embedder = self._embedder(self.model)
+        trainable = {
+            n: p.detach().cpu().contiguous() for n, p in embedder.named_parameters() if p.requires_grad
+        }
+        save_file(trainable, directory / TRAINABLE_FILE)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        embedder = self._embedder(self.model if model is None else model)
+        saved = load_file(Path(resume_from_checkpoint) / TRAINABLE_FILE)
+        expected = {n for n, p in embedder.named_parameters() if p.requires_grad}
+        if set(saved) != expected:
+            missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} does not match this stage's trainable "
+                f"parameters (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+        embedder.load_state_dict(saved, strict=False)
+
+
+def training_arguments(config: TrainConfig, output_dir: Path, seed: int) -> TrainingArguments:
+    """`TrainingArguments` for one stage from our typed config."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.per_device_batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="cosine",
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+        # bf16 on a CPU (AMX) needs the Trainer told it is a CPU run.
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=config.dataloader_workers,
+        remove_unused_columns=False,
+        report_to=[],
+        deepspeed=config.deepspeed,
+        disable_tqdm=False,
+    )
