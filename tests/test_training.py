@@ -185,3 +185,34 @@ def test_every_paper_recipe_validates_in_a_dry_run(tmp_path: Path) -> None:
         assert config.embedder.dtype == "bfloat16" and config.train.bf16
         summary = dry_run(config, tmp_path / recipe.stem)
         assert summary["steps"] == 2 and summary["model"].startswith("tiny:qwen2_vl")
+
+
+def test_a_frozen_vision_tower_stays_in_eval_mode_while_training(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, family="composed", trainable_modules=("projector",))
+    embedder = trainer.model
+    embedder.train()
+    assert not embedder.backbone.submodule("vision").training
+    assert embedder.backbone.submodule("projector").training
+    stats = embedder.backbone.submodule("vision").bn1.running_mean.clone()
+    trainer.train()
+    torch.testing.assert_close(embedder.backbone.submodule("vision").bn1.running_mean, stats)
+
+
+def test_rerunning_a_finished_stage_takes_no_extra_step(tmp_path: Path) -> None:
+    from umarvel.pipeline.train import train_stage
+
+    captions = tmp_path / "captions.csv"
+    (tmp_path / "images").mkdir()
+    for i in range(8):
+        Image.new("RGB", (24, 16), (30 * i, 90, 200 - 20 * i)).save(tmp_path / "images" / f"{i}.jpg")
+    captions.write_text("image,caption\n" + "".join(f"{i}.jpg,a photo of thing {i}\n" for i in range(8)))
+    config = load_config(None, [
+        "embedder.model=tiny:composed", f"data.train=[{{kind: image_captions, path: {captions}, split: all}}]",
+        "train.max_steps=2", "train.per_device_batch_size=4", "train.save_steps=2", "train.trainable_modules=[projector]",
+        f"output_dir={tmp_path / 'run'}",
+    ])
+    first = train_stage(config, progress=False)
+    weights = (first / "model.safetensors").read_bytes()
+    train_stage(config, progress=False)
+    assert (first / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]

@@ -62,6 +62,11 @@ class ComposedConfig(PretrainedConfig):
         self.image_size = image_size
         if isinstance(text_config, dict):
             text_config = AutoConfig.for_model(**text_config)
+        quantization = getattr(text_config, "quantization_config", None)
+        if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf":
+            # The GGUF weights were dequantised on load; a checkpoint of ours holds plain tensors, and a
+            # leftover GGUF marker would make transformers refuse to save it.
+            del text_config.quantization_config
         self.text_config = text_config
         self.image_token_id = image_token_id
         super().__init__(**kwargs)

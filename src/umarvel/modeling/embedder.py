@@ -116,6 +116,15 @@ class Embedder(nn.Module):
         # With frozen embeddings (LoRA), checkpointed blocks need an input that requires grad.
         base.enable_input_require_grads()
 
+    def train(self, mode: bool = True) -> Embedder:
+        """Train mode, except a frozen vision tower, which stays in eval mode: its BatchNorm statistics
+        must not drift and its dropout must not fire while nothing in it learns."""
+        super().train(mode)
+        vision = self.backbone.submodule("vision")
+        if mode and not any(p.requires_grad for p in vision.parameters()):
+            vision.eval()
+        return self
+
     @property
     def config(self) -> Any:
         """The backbone's transformers config, which `Trainer`, accelerate and DeepSpeed read; our

@@ -78,12 +78,20 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
         before_file = output_dir / "metrics_before.json"
         metrics["before"] = json.loads(before_file.read_text()) if before_file.is_file() else None
     started = time.perf_counter()
-    if resume:
-        logger.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and _finished(Path(resume)):
+        # Trainer would take one more step when resumed from its final checkpoint; load it instead.
+        from transformers import TrainerState
+
+        logger.info("training already finished at %s; loading it", resume)
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        metrics["train_loss"] = None
+    else:
+        if resume:
+            logger.info("resuming from %s", resume)
+        metrics["train_loss"] = trainer.train(resume_from_checkpoint=resume).training_loss
     metrics["train_seconds_this_run"] = round(time.perf_counter() - started, 1)
     metrics["steps"] = trainer.state.global_step
-    metrics["train_loss"] = result.training_loss
     if config.train.lora.enabled and config.train.merge_lora:
         merge_adapters(embedder)
     embedder.eval()
@@ -105,6 +113,11 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
     )
     write_manifest(model_dir, "train", config, inputs=inputs, extra={"stage": config.stage})
     return model_dir
+
+
+def _finished(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
 def plot_training_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
