@@ -29,28 +29,48 @@ def _step(model: str, batch: int, chunk: int, bf16: bool) -> dict:
     from umarvel.training.trainer import ContrastiveCollator, EmbedderTrainer, training_arguments
 
     words = ["red", "green", "blue", "small", "large", "old", "new", "wooden", "shiny", "striped"]
-    rows = [TrainRow(Query(qid=f"q{i}", text=f"a {words[i % 10]} {words[(i // 10) % 10]} object number {i} "
-                                                 "standing near a window in the afternoon light"),
-                     (Candidate(did=f"c{i}", text=f"the {words[i % 10]} thing {i} by the window"),))
-             for i in range(batch)]
-    config = TrainConfig(per_device_batch_size=batch, gradcache_chunk_size=chunk, bf16=bf16, max_steps=1,
-                         lora=LoraSettings(rank=16, alpha=32, dropout=0.0))
+    rows = [
+        TrainRow(
+            Query(
+                qid=f"q{i}",
+                text=f"a {words[i % 10]} {words[(i // 10) % 10]} object number {i} "
+                "standing near a window in the afternoon light",
+            ),
+            (Candidate(did=f"c{i}", text=f"the {words[i % 10]} thing {i} by the window"),),
+        )
+        for i in range(batch)
+    ]
+    config = TrainConfig(
+        per_device_batch_size=batch,
+        gradcache_chunk_size=chunk,
+        bf16=bf16,
+        max_steps=1,
+        lora=LoraSettings(rank=16, alpha=32, dropout=0.0),
+    )
     embedder = Embedder.from_pretrained(model, dtype="bfloat16" if bf16 else "float32")
     prepare_for_training(embedder, config.lora, ())
-    trainer = EmbedderTrainer(model=embedder, train_config=config,
-                              args=training_arguments(config, Path("/tmp/umarvel-bench"), seed=0),
-                              train_dataset=TrainingSet(rows, seed=0),
-                              data_collator=ContrastiveCollator(embedder.collator, chunk))
+    trainer = EmbedderTrainer(
+        model=embedder,
+        train_config=config,
+        args=training_arguments(config, Path("/tmp/umarvel-bench"), seed=0),
+        train_dataset=TrainingSet(rows, seed=0),
+        data_collator=ContrastiveCollator(embedder.collator, chunk),
+    )
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(batch)])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     trainer.training_step(trainer.model, inputs)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in embedder.parameters()
-                                     if p.grad is not None)))
-    return {"chunk": chunk, "peak_growth_mib": round((after - before) / 1024, 1), "step_seconds": round(seconds, 2),
-            "grad_norm": round(grad_norm, 5)}
+    grad_norm = float(
+        torch.sqrt(sum((p.grad.float() ** 2).sum() for p in embedder.parameters() if p.grad is not None))
+    )
+    return {
+        "chunk": chunk,
+        "peak_growth_mib": round((after - before) / 1024, 1),
+        "step_seconds": round(seconds, 2),
+        "grad_norm": round(grad_norm, 5),
+    }
 
 
 def main() -> None:
@@ -67,19 +87,36 @@ def main() -> None:
         return
     runs = []
     for chunk in (0, args.chunk):
-        command = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
-                   "--worker-chunk", str(chunk), "--bf16" if args.bf16 else "--no-bf16"]
-        output = subprocess.run(command, capture_output=True, text=True, check=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+        command = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--worker-chunk",
+            str(chunk),
+            "--bf16" if args.bf16 else "--no-bf16",
+        ]
+        output = subprocess.run(
+            command, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        ).stdout
         runs.append(json.loads(output.strip().splitlines()[-1]))
     plain, cached = runs
-    result = {"model": args.model, "batch": args.batch, "bf16": args.bf16, "plain": plain, "gradcache": cached,
-              "memory_ratio": round(cached["peak_growth_mib"] / max(plain["peak_growth_mib"], 1e-9), 3),
-              "time_ratio": round(cached["step_seconds"] / plain["step_seconds"], 2)}
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "bf16": args.bf16,
+        "plain": plain,
+        "gradcache": cached,
+        "memory_ratio": round(cached["peak_growth_mib"] / max(plain["peak_growth_mib"], 1e-9), 3),
+        "time_ratio": round(cached["step_seconds"] / plain["step_seconds"], 2),
+    }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "gradcache_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    precision = "bf16" if args.bf16 else "fp32"
     lines = [
-        f"# GradCache vs plain step: `{args.model}`, batch {args.batch} pairs, {'bf16' if args.bf16 else 'fp32'}",
+        f"# GradCache vs plain step: `{args.model}`, batch {args.batch} pairs, {precision}",
         "",
         "| path | chunk | peak RSS growth (MiB) | step (s) | grad norm |",
         "|---|---|---|---|---|",
