@@ -33,6 +33,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/encode_throughput.py --output-dir benchmarks/results
+	$(BIN)/python benchmarks/gradcache_memory.py --output-dir benchmarks/results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
