@@ -140,6 +140,62 @@ def train(
     console.print(f"stage {config.stage} done: {model_dir}")
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate: the M-BEIR table, or existing run files.")
+app.add_typer(eval_app, name="eval")
+POOL_SETTINGS = {"local": ("local",), "global": ("global",), "both": ("local", "global")}
+
+
+@eval_app.command("mbeir")
+def eval_mbeir(
+    model: Annotated[str, typer.Option(help="offline | tiny:<family> | hub id | checkpoint folder")],
+    root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
+    out: Annotated[Path, typer.Option(help="output folder (runs/, mbeir_results.tsv, results.json)")],
+    split: Annotated[str, typer.Option(help="test | val")] = "test",
+    pool: Annotated[str, typer.Option(help="local | global | both")] = "both",
+    tasks: Annotated[list[str] | None, typer.Option(help="rows to keep, e.g. mscoco_task0")] = None,
+    factory: Annotated[str, typer.Option(help="FAISS factory string")] = "Flat",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Embed queries once, search local and global pools, write UniIR run files and the results."""
+    from umarvel.config.manifest import write_manifest
+    from umarvel.evaluation.mbeir import evaluate_mbeir, render_table
+    from umarvel.modeling.embedder import Embedder
+
+    if pool not in POOL_SETTINGS or split not in ("test", "val"):
+        _fail(ConfigError(f"--pool must be local, global or both and --split test or val; got {pool}, {split}"))
+    try:
+        config = _embedder_config(model, set_)
+        embedder = Embedder.from_pretrained(model, **{k: v for k, v in vars(config).items() if k != "model"})
+        scores = evaluate_mbeir(embedder, root, out, split, POOL_SETTINGS[pool], tasks, factory)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    write_manifest(out, "eval mbeir", config, inputs={"mbeir_root": root},
+                   extra={"split": split, "pool": pool, "factory": factory,
+                          "average": {"local": scores.average("local"), "global": scores.average("global")}})
+    Console().print(render_table(scores))
+
+
+@eval_app.command("runs")
+def eval_runs(
+    root: Annotated[Path, typer.Option(help="the M-BEIR folder (qrels)")],
+    runs: Annotated[Path, typer.Option(help="folder of UniIR-named run files")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    split: Annotated[str, typer.Option(help="test | val")] = "test",
+    pool: Annotated[str, typer.Option(help="local | global | both")] = "both",
+) -> None:
+    """Score existing run files (any retriever's) against the qrels."""
+    from umarvel.config.manifest import write_manifest
+    from umarvel.evaluation.mbeir import render_table, score_runs, write_results
+
+    try:
+        scores = score_runs(root, runs, split, settings=POOL_SETTINGS[pool])
+    except (InputError, KeyError) as error:
+        _fail(error)
+    write_results(scores, out, split)
+    write_manifest(out, "eval runs", {"split": split, "pool": pool}, inputs={"mbeir_root": root, "runs": runs})
+    Console().print(render_table(scores))
+
+
 @app.command("make-mini-mbeir")
 def make_mini_mbeir(
     output: Annotated[Path, typer.Argument(help="folder to create (the M-BEIR root)")],

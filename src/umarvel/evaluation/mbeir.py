@@ -1,0 +1,253 @@
+"""The M-BEIR table: embed queries once, search each row's local pool and the global pool, write
+UniIR-named TREC run files, and score any run files against the qrels (mbeir-protocol.md section 2).
+
+Scores are hit-rate recall in percent: R@5, except R@10 for Fashion200K (both tasks) and FashionIQ;
+the average is the unweighted mean over the rows present.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from umarvel.data.io import InputError, atomic_write, write_json
+from umarvel.data.mbeir import ROWS, MBeir, Row, read_qrels
+from umarvel.evaluation.metrics import recall_at_k
+
+logger = logging.getLogger(__name__)
+
+PoolSetting = Literal["local", "global"]
+SEARCH_K = 50
+RECALL_KS = (1, 5, 10, 50)
+
+
+def run_file_name(row: Row, setting: PoolSetting, split: str, k: int = SEARCH_K) -> str:
+    """UniIR's run file name: mbeir_<dataset>_task<N>_{single|union}_pool_<split>_k<k>_run.txt."""
+    pool = "single" if setting == "local" else "union"
+    return f"mbeir_{row.name}_{pool}_pool_{split}_k{k}_run.txt"
+
+
+def write_run(path: Path, row: Row, qids: Sequence[str], ids: Sequence[Sequence[str]], scores: np.ndarray,
+              run_id: str) -> None:
+    """TREC run lines `qid Q0 did rank score run_id task_id`, ranks from 1."""
+    with atomic_write(path) as handle:
+        for qid, ranked, row_scores in zip(qids, ids, scores, strict=True):
+            for rank, (did, score) in enumerate(zip(ranked, row_scores, strict=True), start=1):
+                if did:
+                    handle.write(f"{qid} Q0 {did} {rank} {float(score):.6f} {run_id} {row.task_id}\n")
+
+
+def read_run(path: Path) -> dict[str, list[str]]:
+    """qid -> dids in rank order; a malformed line or a did listed twice for one query is an error."""
+    if not path.is_file():
+        raise InputError(path, "run file not found")
+    ranked: dict[str, list[tuple[int, str]]] = {}
+    seen: set[tuple[str, str]] = set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 6:
+                raise InputError(f"{path}:{number}", "expected 'qid Q0 did rank score run_id [task_id]'")
+            qid, did = parts[0], parts[2]
+            try:
+                rank = int(parts[3])
+            except ValueError:
+                raise InputError(f"{path}:{number}", f"rank {parts[3]!r} is not an integer") from None
+            if (qid, did) in seen:
+                raise InputError(f"{path}:{number}", f"did {did} appears twice in the ranking of {qid}")
+            seen.add((qid, did))
+            ranked.setdefault(qid, []).append((rank, did))
+    return {qid: [did for _, did in sorted(items)] for qid, items in ranked.items()}
+
+
+@dataclass
+class RowScore:
+    row: Row
+    local: dict[str, float] = field(default_factory=dict)
+    global_: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Scores:
+    rows: list[RowScore]
+    warnings: list[str]
+
+    def headline(self, setting: PoolSetting) -> list[float | None]:
+        key = "local" if setting == "local" else "global_"
+        return [getattr(s, key).get(f"recall@{s.row.k}") for s in self.rows]
+
+    def average(self, setting: PoolSetting) -> float | None:
+        values = [v for v in self.headline(setting) if v is not None]
+        return round(sum(values) / len(values), 2) if values else None
+
+    def to_json(self) -> dict:
+        return {
+            "rows": [{"dataset": s.row.dataset, "task_id": s.row.task_id, "metric": f"Recall@{s.row.k}",
+                      "local": s.local.get(f"recall@{s.row.k}"), "global": s.global_.get(f"recall@{s.row.k}"),
+                      "local_all": s.local, "global_all": s.global_} for s in self.rows],
+            "average": {"local": self.average("local"), "global": self.average("global")},
+            "warnings": self.warnings,
+        }
+
+
+def score_runs(root: str | Path, runs_dir: str | Path, split: str = "test",
+               rows: Iterable[Row] | None = None, settings: Sequence[PoolSetting] = ("local", "global")) -> Scores:
+    """Score the run files in `runs_dir` against the qrels in the M-BEIR `root`.
+
+    A judged query absent from a run counts as a miss and is reported; run queries without qrels are
+    ignored and reported; a row whose run file is missing is an error.
+    """
+    mbeir = MBeir(root)
+    runs_dir = Path(runs_dir)
+    chosen = list(rows) if rows is not None else present_rows(mbeir, split)
+    warnings: list[str] = []
+    scored = []
+    for row in chosen:
+        qrels, _ = read_qrels(mbeir.qrels_file(row, split))  # type: ignore[arg-type]
+        pool_file = mbeir.local_pool_file(row, split)  # type: ignore[arg-type]
+        if "local" in settings and pool_file.is_file():
+            pool = {c.did for c in mbeir.pool(row, split)}  # type: ignore[arg-type]
+            absent = sorted({d for dids in qrels.values() for d in dids} - pool)
+            if absent:
+                # Expected for OVEN/InfoSeek sibling-prefix positives; anything else is a data problem.
+                warnings.append(f"{row.name}: {len(absent)} qrels dids are not in the local pool "
+                                f"(e.g. {absent[0]})")
+        result = RowScore(row)
+        for setting in settings:
+            run = read_run(runs_dir / run_file_name(row, setting, split))
+            unknown = sorted(set(run) - set(qrels))
+            if unknown:
+                warnings.append(f"{row.name} {setting}: {len(unknown)} run queries have no qrels and were "
+                                f"ignored (e.g. {unknown[0]})")
+            missing = sorted(set(qrels) - set(run))
+            if missing:
+                warnings.append(f"{row.name} {setting}: {len(missing)} judged queries are absent from the run "
+                                f"and count as misses (e.g. {missing[0]})")
+            complete = {qid: run.get(qid, []) for qid in qrels}
+            values = {f"recall@{k}": round(100 * recall_at_k(complete, qrels, k), 2) for k in RECALL_KS}
+            if setting == "local":
+                result.local = values
+            else:
+                result.global_ = values
+        scored.append(result)
+    for warning in warnings:
+        logger.warning(warning)
+    return Scores(scored, warnings)
+
+
+def present_rows(mbeir: MBeir, split: str) -> list[Row]:
+    """Rows with a query file and qrels for `split`, in the papers' order."""
+    return [r for r in ROWS if mbeir.query_file(r, split).is_file()  # type: ignore[arg-type]
+            and mbeir.qrels_file(r, split).is_file()]  # type: ignore[arg-type]
+
+
+def write_results(scores: Scores, out_dir: str | Path, split: str) -> Path:
+    """`mbeir_results.tsv` in UniIR's columns and `results.json`, values in percent."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / "mbeir_results.tsv") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(["TaskID", "Task", "Dataset", "Split", "Metric", "CandPool", "Value", "UnionPool",
+                         "UnionValue"])
+        for s in scores.rows:
+            task = f"{s.row.query_modality.value} -> {s.row.candidate_modality.value}"
+            metric = f"Recall@{s.row.k}"
+            writer.writerow([s.row.task_id, task, s.row.dataset, split, metric, s.row.name,
+                             s.local.get(f"recall@{s.row.k}", ""), "union",
+                             s.global_.get(f"recall@{s.row.k}", "")])
+        writer.writerow(["", "average", "", split, "", "", scores.average("local") or "", "",
+                         scores.average("global") or ""])
+    write_json(out_dir / "results.json", scores.to_json())
+    return out_dir / "results.json"
+
+
+def render_table(scores: Scores) -> str:
+    """A markdown table of the rows and the averages."""
+    lines = ["| row | metric | local | global |", "|---|---|---|---|"]
+    for s in scores.rows:
+        local, global_ = s.local.get(f"recall@{s.row.k}"), s.global_.get(f"recall@{s.row.k}")
+        lines.append(f"| {s.row.name} | R@{s.row.k} | {local if local is not None else '-'} | "
+                     f"{global_ if global_ is not None else '-'} |")
+    lines.append(f"| **average** | | {scores.average('local')} | {scores.average('global')} |")
+    return "\n".join(lines)
+
+
+def evaluate_mbeir(embedder: object, root: str | Path, out_dir: str | Path, split: str = "test",
+                   settings: Sequence[PoolSetting] = ("local", "global"), tasks: Sequence[str] | None = None,
+                   factory: str = "Flat", progress: bool = True) -> Scores:
+    """Embed every row's queries once and its local pool, search local pools and the global pool
+    (the union pool file when present, else the concatenation of the local pools), write run files
+    to `out_dir/runs`, score them, and write the results files.
+
+    Args:
+        embedder: an `Embedder`.
+        root: the M-BEIR folder.
+        out_dir: where runs/, mbeir_results.tsv and results.json go.
+        split: `test` or `val`.
+        settings: pool settings to run.
+        tasks: row names (e.g. `mscoco_task0`) to keep; all present rows by default.
+        factory: FAISS factory string for the indexes (exact inner product by default).
+    """
+    from umarvel.retrieval.index import Index, embedder_fingerprint
+
+    mbeir = MBeir(root)
+    rows = present_rows(mbeir, split)
+    if tasks:
+        unknown = sorted(set(tasks) - {r.name for r in ROWS})
+        if unknown:
+            raise InputError(None, f"unknown task row(s) {unknown}; rows are named like mscoco_task0")
+        rows = [r for r in rows if r.name in set(tasks)]
+    if not rows:
+        raise InputError(root, f"no M-BEIR rows with {split} queries and qrels")
+    runs_dir = Path(out_dir) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = embedder_fingerprint(vars(embedder.settings))  # type: ignore[attr-defined]
+    run_id = str(fingerprint["model"]).replace(" ", "_")
+    candidates: dict[str, np.ndarray] = {}
+    queries: dict[str, tuple[list[str], np.ndarray]] = {}
+    for row in rows:
+        row_queries = mbeir.queries(row, split)  # type: ignore[arg-type]
+        logger.info("%s: %d queries", row.name, len(row_queries))
+        vectors = embedder.encode_queries(row_queries, progress=progress)  # type: ignore[attr-defined]
+        queries[row.name] = ([q.qid for q in row_queries], vectors)
+        pool = [c for c in mbeir.pool(row, split) if c.did not in candidates]  # type: ignore[arg-type]
+        if pool:
+            pool_vectors = embedder.encode_candidates(pool, progress=progress)  # type: ignore[attr-defined]
+            candidates.update(zip((c.did for c in pool), pool_vectors, strict=True))
+        if "local" in settings:
+            local_ids = [c.did for c in mbeir.pool(row, split)]  # type: ignore[arg-type]
+            index = Index(vectors.shape[1], factory, fingerprint)
+            index.add(np.stack([candidates[d] for d in local_ids]), local_ids)
+            result = index.search(vectors, SEARCH_K)
+            write_run(runs_dir / run_file_name(row, "local", split), row, queries[row.name][0], result.ids,
+                      result.scores, run_id)
+    if "global" in settings:
+        global_file = mbeir.global_pool_file(split)  # type: ignore[arg-type]
+        if global_file.is_file():
+            extra = [c for c in mbeir.global_pool(split) if c.did not in candidates]  # type: ignore[arg-type]
+            if extra:
+                logger.info("embedding %d global-pool candidates not in any local pool", len(extra))
+                vectors = embedder.encode_candidates(extra, progress=progress)  # type: ignore[attr-defined]
+                candidates.update(zip((c.did for c in extra), vectors, strict=True))
+            global_ids = [c.did for c in mbeir.global_pool(split)]  # type: ignore[arg-type]
+        else:
+            logger.info("%s absent: the global pool is the concatenation of the local pools", global_file)
+            global_ids = list(candidates)
+        index = Index(next(iter(candidates.values())).shape[0], factory, fingerprint)
+        index.add(np.stack([candidates[d] for d in global_ids]), global_ids)
+        for row in rows:
+            qids, vectors = queries[row.name]
+            result = index.search(vectors, SEARCH_K)
+            write_run(runs_dir / run_file_name(row, "global", split), row, qids, result.ids, result.scores, run_id)
+    scores = score_runs(root, runs_dir, split, rows, settings)
+    write_results(scores, out_dir, split)
+    (Path(out_dir) / "results.md").write_text(render_table(scores) + "\n")
+    return scores
