@@ -78,7 +78,7 @@ def test_an_interrupted_embed_resumes_without_redoing_finished_chunks(
     output = tmp_path / "out.npy"
     with pytest.raises(InputError, match="cannot read image"):
         embed_file(items, output, config, chunk_size=4, progress=False)
-    assert (tmp_path / "out.npy.parts" / "000000000.npy").is_file() and not output.exists()
+    assert list((tmp_path / "out.npy.parts").glob("shard-00000-*.npy")) and not output.exists()
 
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "red.png", format="PNG")
     encoded: list[int] = []

@@ -111,7 +111,12 @@ def test_the_composed_image_encoder_stays_float32_when_the_model_is_bf16() -> No
 def test_a_composed_config_drops_the_gguf_marker_of_its_dequantised_language_model() -> None:
     from umarvel.modeling.composed import ComposedConfig
 
-    config = ComposedConfig(text_config={"model_type": "llama", "hidden_size": 64,
-                                         "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}})
+    config = ComposedConfig(
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 64,
+            "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"},
+        }
+    )
     assert getattr(config.text_config, "quantization_config", None) is None
     assert "quantization_config" not in config.to_dict()["text_config"]

@@ -34,12 +34,17 @@ def _oracle_runs(root: Path, out: Path) -> None:
                     wrong = [d for d in global_pool if d not in pool][:2]
                     ranked = wrong + fillers[: rank - 2] + [positive] + fillers[rank - 2 :]
                 else:
-                    ranked = fillers[:rank] + [positive] + fillers[rank:]
-                lines += [f"{qid} Q0 {d} {r} {1 - r / 100:.3f} oracle {row.task_id}\n" for r, d in enumerate(ranked, 1)]
+                    ranked = [*fillers[:rank], positive, *fillers[rank:]]
+                lines += [
+                    f"{qid} Q0 {d} {r} {1 - r / 100:.3f} oracle {row.task_id}\n"
+                    for r, d in enumerate(ranked, 1)
+                ]
             (out / run_file_name(row, setting, "test")).write_text("".join(lines))
 
 
-def test_an_oracle_run_gives_the_hand_computed_recall_for_every_row_and_pool(mini_mbeir: Path, tmp_path: Path) -> None:
+def test_an_oracle_run_gives_the_hand_computed_recall_for_every_row_and_pool(
+    mini_mbeir: Path, tmp_path: Path
+) -> None:
     _oracle_runs(mini_mbeir, tmp_path / "runs")
     scores = score_runs(mini_mbeir, tmp_path / "runs")
     for s in scores.rows:
@@ -56,12 +61,16 @@ def test_an_oracle_run_gives_the_hand_computed_recall_for_every_row_and_pool(min
     assert any("oven_task6" in w and "not in the local pool" in w for w in result["warnings"])
 
 
-def test_judged_queries_missing_from_a_run_count_as_misses_and_are_reported(mini_mbeir: Path, tmp_path: Path) -> None:
+def test_judged_queries_missing_from_a_run_count_as_misses_and_are_reported(
+    mini_mbeir: Path, tmp_path: Path
+) -> None:
     _oracle_runs(mini_mbeir, tmp_path / "runs")
     row = next(r for r in ROWS if r.name == "nights_task4")
     path = tmp_path / "runs" / run_file_name(row, "local", "test")
     first_qid = path.read_text().split()[0]
-    path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if not line.startswith(first_qid + " ")))
+    path.write_text(
+        "".join(line + "\n" for line in path.read_text().splitlines() if not line.startswith(first_qid + " "))
+    )
     scores = score_runs(mini_mbeir, tmp_path / "runs", rows=[row], settings=("local",))
     assert scores.rows[0].local["recall@1"] == 0.0
     assert any("absent from the run and count as misses" in w for w in scores.warnings)

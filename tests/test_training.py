@@ -206,11 +206,18 @@ def test_rerunning_a_finished_stage_takes_no_extra_step(tmp_path: Path) -> None:
     for i in range(8):
         Image.new("RGB", (24, 16), (30 * i, 90, 200 - 20 * i)).save(tmp_path / "images" / f"{i}.jpg")
     captions.write_text("image,caption\n" + "".join(f"{i}.jpg,a photo of thing {i}\n" for i in range(8)))
-    config = load_config(None, [
-        "embedder.model=tiny:composed", f"data.train=[{{kind: image_captions, path: {captions}, split: all}}]",
-        "train.max_steps=2", "train.per_device_batch_size=4", "train.save_steps=2", "train.trainable_modules=[projector]",
-        f"output_dir={tmp_path / 'run'}",
-    ])
+    config = load_config(
+        None,
+        [
+            "embedder.model=tiny:composed",
+            f"data.train=[{{kind: image_captions, path: {captions}, split: all}}]",
+            "train.max_steps=2",
+            "train.per_device_batch_size=4",
+            "train.save_steps=2",
+            "train.trainable_modules=[projector]",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     first = train_stage(config, progress=False)
     weights = (first / "model.safetensors").read_bytes()
     train_stage(config, progress=False)

@@ -41,7 +41,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
     )
-    for noisy in ("transformers", "httpx", "urllib3", "timm"):
+    for noisy in ("transformers", "httpx", "urllib3", "timm", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -140,6 +140,54 @@ def train(
     console.print(f"stage {config.stage} done: {model_dir}")
 
 
+@app.command()
+def index(
+    model: Annotated[str, typer.Option(help="offline | tiny:<family> | hub id | checkpoint folder")],
+    pool: Annotated[Path, typer.Option(help="candidates JSONL (did, txt, img_path)")],
+    out: Annotated[Path, typer.Option(help="index folder to write")],
+    factory: Annotated[
+        str, typer.Option(help="FAISS factory: Flat (exact), IVF1024,Flat, HNSW32, ...")
+    ] = "Flat",
+    image_root: Annotated[Path | None, typer.Option(help="images are relative to this folder")] = None,
+    cache: Annotated[Path | None, typer.Option(help="content-addressed embedding cache folder")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Embed a pool and build a FAISS index folder (vectors, ids, manifest naming the embedder)."""
+    from umarvel.pipeline.index import build_index
+
+    try:
+        built = build_index(_embedder_config(model, set_), pool, out, factory, image_root, cache)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    console.print(f"indexed {built.size} candidates into {out} ({factory})")
+
+
+@app.command()
+def search(
+    index_dir: Annotated[Path, typer.Argument(help="an index folder written by `umarvel index`")],
+    text: Annotated[str | None, typer.Option(help="query text")] = None,
+    image: Annotated[Path | None, typer.Option(help="query image")] = None,
+    instruction: Annotated[str | None, typer.Option(help="task instruction")] = None,
+    k: Annotated[int, typer.Option("-k", help="results to show")] = 10,
+) -> None:
+    """Search an index with a text and/or image query; prints ranked dids with scores."""
+    from umarvel.pipeline.index import search_index
+    from umarvel.retrieval.index import IndexMismatchError
+
+    if text is None and image is None:
+        _fail(InputError(None, "give --text, --image or both"))
+    try:
+        result = search_index(index_dir, text, image, instruction, k)
+    except (InputError, ConfigError, IndexMismatchError, FileNotFoundError) as error:
+        _fail(error)
+    table = Table(title=f"top {k}")
+    for column in ("rank", "did", "score"):
+        table.add_column(column)
+    for rank, (did, score) in enumerate(zip(result.ids[0], result.scores[0], strict=True), start=1):
+        table.add_row(str(rank), did, f"{score:.4f}")
+    Console().print(table)
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate: the M-BEIR table, or existing run files.")
 app.add_typer(eval_app, name="eval")
 POOL_SETTINGS = {"local": ("local",), "global": ("global",), "both": ("local", "global")}
@@ -162,16 +210,27 @@ def eval_mbeir(
     from umarvel.modeling.embedder import Embedder
 
     if pool not in POOL_SETTINGS or split not in ("test", "val"):
-        _fail(ConfigError(f"--pool must be local, global or both and --split test or val; got {pool}, {split}"))
+        _fail(
+            ConfigError(f"--pool must be local, global or both and --split test or val; got {pool}, {split}")
+        )
     try:
         config = _embedder_config(model, set_)
         embedder = Embedder.from_pretrained(model, **{k: v for k, v in vars(config).items() if k != "model"})
         scores = evaluate_mbeir(embedder, root, out, split, POOL_SETTINGS[pool], tasks, factory)
     except (InputError, ConfigError) as error:
         _fail(error)
-    write_manifest(out, "eval mbeir", config, inputs={"mbeir_root": root},
-                   extra={"split": split, "pool": pool, "factory": factory,
-                          "average": {"local": scores.average("local"), "global": scores.average("global")}})
+    write_manifest(
+        out,
+        "eval mbeir",
+        config,
+        inputs={"mbeir_root": root},
+        extra={
+            "split": split,
+            "pool": pool,
+            "factory": factory,
+            "average": {"local": scores.average("local"), "global": scores.average("global")},
+        },
+    )
     Console().print(render_table(scores))
 
 
@@ -192,7 +251,9 @@ def eval_runs(
     except (InputError, KeyError) as error:
         _fail(error)
     write_results(scores, out, split)
-    write_manifest(out, "eval runs", {"split": split, "pool": pool}, inputs={"mbeir_root": root, "runs": runs})
+    write_manifest(
+        out, "eval runs", {"split": split, "pool": pool}, inputs={"mbeir_root": root, "runs": runs}
+    )
     Console().print(render_table(scores))
 
 

@@ -33,8 +33,9 @@ def run_file_name(row: Row, setting: PoolSetting, split: str, k: int = SEARCH_K)
     return f"mbeir_{row.name}_{pool}_pool_{split}_k{k}_run.txt"
 
 
-def write_run(path: Path, row: Row, qids: Sequence[str], ids: Sequence[Sequence[str]], scores: np.ndarray,
-              run_id: str) -> None:
+def write_run(
+    path: Path, row: Row, qids: Sequence[str], ids: Sequence[Sequence[str]], scores: np.ndarray, run_id: str
+) -> None:
     """TREC run lines `qid Q0 did rank score run_id task_id`, ranks from 1."""
     with atomic_write(path) as handle:
         for qid, ranked, row_scores in zip(qids, ids, scores, strict=True):
@@ -90,16 +91,30 @@ class Scores:
 
     def to_json(self) -> dict:
         return {
-            "rows": [{"dataset": s.row.dataset, "task_id": s.row.task_id, "metric": f"Recall@{s.row.k}",
-                      "local": s.local.get(f"recall@{s.row.k}"), "global": s.global_.get(f"recall@{s.row.k}"),
-                      "local_all": s.local, "global_all": s.global_} for s in self.rows],
+            "rows": [
+                {
+                    "dataset": s.row.dataset,
+                    "task_id": s.row.task_id,
+                    "metric": f"Recall@{s.row.k}",
+                    "local": s.local.get(f"recall@{s.row.k}"),
+                    "global": s.global_.get(f"recall@{s.row.k}"),
+                    "local_all": s.local,
+                    "global_all": s.global_,
+                }
+                for s in self.rows
+            ],
             "average": {"local": self.average("local"), "global": self.average("global")},
             "warnings": self.warnings,
         }
 
 
-def score_runs(root: str | Path, runs_dir: str | Path, split: str = "test",
-               rows: Iterable[Row] | None = None, settings: Sequence[PoolSetting] = ("local", "global")) -> Scores:
+def score_runs(
+    root: str | Path,
+    runs_dir: str | Path,
+    split: str = "test",
+    rows: Iterable[Row] | None = None,
+    settings: Sequence[PoolSetting] = ("local", "global"),
+) -> Scores:
     """Score the run files in `runs_dir` against the qrels in the M-BEIR `root`.
 
     A judged query absent from a run counts as a miss and is reported; run queries without qrels are
@@ -118,19 +133,24 @@ def score_runs(root: str | Path, runs_dir: str | Path, split: str = "test",
             absent = sorted({d for dids in qrels.values() for d in dids} - pool)
             if absent:
                 # Expected for OVEN/InfoSeek sibling-prefix positives; anything else is a data problem.
-                warnings.append(f"{row.name}: {len(absent)} qrels dids are not in the local pool "
-                                f"(e.g. {absent[0]})")
+                warnings.append(
+                    f"{row.name}: {len(absent)} qrels dids are not in the local pool (e.g. {absent[0]})"
+                )
         result = RowScore(row)
         for setting in settings:
             run = read_run(runs_dir / run_file_name(row, setting, split))
             unknown = sorted(set(run) - set(qrels))
             if unknown:
-                warnings.append(f"{row.name} {setting}: {len(unknown)} run queries have no qrels and were "
-                                f"ignored (e.g. {unknown[0]})")
+                warnings.append(
+                    f"{row.name} {setting}: {len(unknown)} run queries have no qrels and were "
+                    f"ignored (e.g. {unknown[0]})"
+                )
             missing = sorted(set(qrels) - set(run))
             if missing:
-                warnings.append(f"{row.name} {setting}: {len(missing)} judged queries are absent from the run "
-                                f"and count as misses (e.g. {missing[0]})")
+                warnings.append(
+                    f"{row.name} {setting}: {len(missing)} judged queries are absent from the run "
+                    f"and count as misses (e.g. {missing[0]})"
+                )
             complete = {qid: run.get(qid, []) for qid in qrels}
             values = {f"recall@{k}": round(100 * recall_at_k(complete, qrels, k), 2) for k in RECALL_KS}
             if setting == "local":
@@ -145,8 +165,12 @@ def score_runs(root: str | Path, runs_dir: str | Path, split: str = "test",
 
 def present_rows(mbeir: MBeir, split: str) -> list[Row]:
     """Rows with a query file and qrels for `split`, in the papers' order."""
-    return [r for r in ROWS if mbeir.query_file(r, split).is_file()  # type: ignore[arg-type]
-            and mbeir.qrels_file(r, split).is_file()]  # type: ignore[arg-type]
+    return [
+        r
+        for r in ROWS
+        if mbeir.query_file(r, split).is_file()  # type: ignore[arg-type]
+        and mbeir.qrels_file(r, split).is_file()
+    ]  # type: ignore[arg-type]
 
 
 def write_results(scores: Scores, out_dir: str | Path, split: str) -> Path:
@@ -155,16 +179,38 @@ def write_results(scores: Scores, out_dir: str | Path, split: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "mbeir_results.tsv") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(["TaskID", "Task", "Dataset", "Split", "Metric", "CandPool", "Value", "UnionPool",
-                         "UnionValue"])
+        writer.writerow(
+            ["TaskID", "Task", "Dataset", "Split", "Metric", "CandPool", "Value", "UnionPool", "UnionValue"]
+        )
         for s in scores.rows:
             task = f"{s.row.query_modality.value} -> {s.row.candidate_modality.value}"
             metric = f"Recall@{s.row.k}"
-            writer.writerow([s.row.task_id, task, s.row.dataset, split, metric, s.row.name,
-                             s.local.get(f"recall@{s.row.k}", ""), "union",
-                             s.global_.get(f"recall@{s.row.k}", "")])
-        writer.writerow(["", "average", "", split, "", "", scores.average("local") or "", "",
-                         scores.average("global") or ""])
+            writer.writerow(
+                [
+                    s.row.task_id,
+                    task,
+                    s.row.dataset,
+                    split,
+                    metric,
+                    s.row.name,
+                    s.local.get(f"recall@{s.row.k}", ""),
+                    "union",
+                    s.global_.get(f"recall@{s.row.k}", ""),
+                ]
+            )
+        writer.writerow(
+            [
+                "",
+                "average",
+                "",
+                split,
+                "",
+                "",
+                scores.average("local") or "",
+                "",
+                scores.average("global") or "",
+            ]
+        )
     write_json(out_dir / "results.json", scores.to_json())
     return out_dir / "results.json"
 
@@ -174,15 +220,24 @@ def render_table(scores: Scores) -> str:
     lines = ["| row | metric | local | global |", "|---|---|---|---|"]
     for s in scores.rows:
         local, global_ = s.local.get(f"recall@{s.row.k}"), s.global_.get(f"recall@{s.row.k}")
-        lines.append(f"| {s.row.name} | R@{s.row.k} | {local if local is not None else '-'} | "
-                     f"{global_ if global_ is not None else '-'} |")
+        lines.append(
+            f"| {s.row.name} | R@{s.row.k} | {local if local is not None else '-'} | "
+            f"{global_ if global_ is not None else '-'} |"
+        )
     lines.append(f"| **average** | | {scores.average('local')} | {scores.average('global')} |")
     return "\n".join(lines)
 
 
-def evaluate_mbeir(embedder: object, root: str | Path, out_dir: str | Path, split: str = "test",
-                   settings: Sequence[PoolSetting] = ("local", "global"), tasks: Sequence[str] | None = None,
-                   factory: str = "Flat", progress: bool = True) -> Scores:
+def evaluate_mbeir(
+    embedder: object,
+    root: str | Path,
+    out_dir: str | Path,
+    split: str = "test",
+    settings: Sequence[PoolSetting] = ("local", "global"),
+    tasks: Sequence[str] | None = None,
+    factory: str = "Flat",
+    progress: bool = True,
+) -> Scores:
     """Embed every row's queries once and its local pool, search local pools and the global pool
     (the union pool file when present, else the concatenation of the local pools), write run files
     to `out_dir/runs`, score them, and write the results files.
@@ -227,8 +282,14 @@ def evaluate_mbeir(embedder: object, root: str | Path, out_dir: str | Path, spli
             index = Index(vectors.shape[1], factory, fingerprint)
             index.add(np.stack([candidates[d] for d in local_ids]), local_ids)
             result = index.search(vectors, SEARCH_K)
-            write_run(runs_dir / run_file_name(row, "local", split), row, queries[row.name][0], result.ids,
-                      result.scores, run_id)
+            write_run(
+                runs_dir / run_file_name(row, "local", split),
+                row,
+                queries[row.name][0],
+                result.ids,
+                result.scores,
+                run_id,
+            )
     if "global" in settings:
         global_file = mbeir.global_pool_file(split)  # type: ignore[arg-type]
         if global_file.is_file():
@@ -246,7 +307,9 @@ def evaluate_mbeir(embedder: object, root: str | Path, out_dir: str | Path, spli
         for row in rows:
             qids, vectors = queries[row.name]
             result = index.search(vectors, SEARCH_K)
-            write_run(runs_dir / run_file_name(row, "global", split), row, qids, result.ids, result.scores, run_id)
+            write_run(
+                runs_dir / run_file_name(row, "global", split), row, qids, result.ids, result.scores, run_id
+            )
     scores = score_runs(root, runs_dir, split, rows, settings)
     write_results(scores, out_dir, split)
     (Path(out_dir) / "results.md").write_text(render_table(scores) + "\n")

@@ -29,7 +29,9 @@ def recall_at_k(ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, set
     return sum(any(did in relevant[q] for did in ranking[q][:k]) for q in queries) / len(queries)
 
 
-def recall_fraction_at_k(ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, set[str]], k: int) -> float:
+def recall_fraction_at_k(
+    ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, set[str]], k: int
+) -> float:
     """Share of each query's relevant ids found in its top k, averaged over queries.
 
     >>> recall_fraction_at_k({"q": ["a", "x", "b"]}, {"q": {"a", "b", "c", "d"}}, k=2)
@@ -58,7 +60,9 @@ def map_at_k(ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, set[st
     return sum(average_precision_at_k(ranking[q], relevant[q], k) for q in queries) / len(queries)
 
 
-def ndcg_at_k(ranking: Mapping[str, Sequence[str]], gains: Mapping[str, Mapping[str, float]], k: int) -> float:
+def ndcg_at_k(
+    ranking: Mapping[str, Sequence[str]], gains: Mapping[str, Mapping[str, float]], k: int
+) -> float:
     """nDCG@k with linear gains and log2 discounts (BEIR / pytrec_eval convention).
 
     >>> round(ndcg_at_k({"q": ["x", "a"]}, {"q": {"a": 1}}, k=10), 4)

@@ -1,25 +1,22 @@
 """The `embed` stage: a JSONL of items -> an .npy of L2-normalised float32 rows, in input order.
 
-Inputs are validated before the model loads (errors name file and line). Rows are written in chunks
-under `<output>.parts/`, so a killed run resumes where it stopped; the final file is written
-atomically, with `<output>.manifest.json` beside it.
+Inputs are validated before the model loads (errors name file and line). Rows are written in shards
+under `<output>.parts/` (see `retrieval/encode.py`), so a killed run resumes where it stopped; the
+final file is written atomically, with `<output>.manifest.json` beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from umarvel.config.manifest import fingerprint, write_manifest
+from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import EmbedderConfig
-from umarvel.data.io import InputError, atomic_write, read_jsonl
+from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.records import Candidate, Query
 
 logger = logging.getLogger(__name__)
@@ -67,16 +64,6 @@ def read_items(path: str | Path, role: Role, image_root: str | Path | None = Non
     return items
 
 
-def _run_key(input_path: Path, config: EmbedderConfig, role: Role, instruction: str | None) -> str:
-    parts = [
-        json.dumps(fingerprint(input_path), sort_keys=True),
-        json.dumps(dataclasses.asdict(config)),
-        role,
-        instruction or "",
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
 def embed_file(
     input_path: str | Path,
     output_path: str | Path,
@@ -85,41 +72,29 @@ def embed_file(
     instruction: str | None = None,
     image_root: str | Path | None = None,
     chunk_size: int = 512,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Embed every item of `input_path` into `output_path` (.npy); resumable; returns the output path."""
     from umarvel.modeling.embedder import Embedder
+    from umarvel.retrieval.encode import encode_corpus
 
     input_path, output_path = Path(input_path), Path(output_path)
     items = read_items(input_path, role, image_root)
-    parts = output_path.with_name(output_path.name + ".parts")
-    key = _run_key(input_path, config, role, instruction)
-    state_file = parts / "state.json"
-    if parts.is_dir() and (not state_file.is_file() or json.loads(state_file.read_text()).get("key") != key):
-        logger.info("discarding partial results of a different run in %s", parts)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"key": key, "items": len(items), "chunk_size": chunk_size}))
-    chunks = [(start, min(start + chunk_size, len(items))) for start in range(0, len(items), chunk_size)]
-    todo = [c for c in chunks if not (parts / f"{c[0]:09d}.npy").is_file()]
-    if len(todo) < len(chunks):
-        logger.info("resuming: %d of %d chunks already done", len(chunks) - len(todo), len(chunks))
-    if todo:
-        embedder = Embedder.from_pretrained(
-            config.model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
-        )
-        for start, end in todo:
-            chunk = items[start:end]
-            if role == "query":
-                vectors = embedder.encode_queries(chunk, instruction=instruction, progress=progress)
-            else:
-                vectors = embedder.encode_candidates(chunk, progress=progress)
-            with atomic_write(parts / f"{start:09d}.npy", "wb") as handle:
-                np.save(handle, vectors.astype(np.float32))
-            logger.info("embedded items %d-%d of %d", start + 1, end, len(items))
-    matrix = np.concatenate([np.load(parts / f"{start:09d}.npy") for start, _ in chunks])
-    with atomic_write(output_path, "wb") as handle:
-        np.save(handle, matrix)
+    embedder = Embedder.from_pretrained(
+        config.model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
+    )
+    encode_corpus(
+        embedder,
+        items,
+        output_path,
+        role,
+        instruction,
+        shard_size=chunk_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    matrix = np.load(output_path, mmap_mode="r")
     write_manifest(
         output_path.parent,
         "embed",
@@ -134,5 +109,4 @@ def embed_file(
         },
         filename=output_path.name + ".manifest.json",
     )
-    shutil.rmtree(parts)
     return output_path

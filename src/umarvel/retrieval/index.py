@@ -21,8 +21,17 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.json", "index.json"
 # Settings that change embeddings; an index built with other values cannot be searched with this model.
-FINGERPRINT_KEYS = ("model", "pooling", "attention", "mask_instruction", "normalize", "max_image_pixels",
-                    "visual_tokens", "max_text_tokens", "format_text")
+FINGERPRINT_KEYS = (
+    "model",
+    "pooling",
+    "attention",
+    "mask_instruction",
+    "normalize",
+    "max_image_pixels",
+    "visual_tokens",
+    "max_text_tokens",
+    "format_text",
+)
 
 
 class IndexMismatchError(ValueError):
@@ -47,13 +56,15 @@ class Index:
 
     Args:
         dim: embedding dimension.
-        factory: a FAISS factory string: "Flat" (exact, default), "IVF1024,Flat", "HNSW32", "IVF1024,PQ64", ...
+        factory: a FAISS factory string: "Flat" (exact, default), "IVF1024,Flat", "HNSW32",
+            "IVF1024,PQ64", ...
         embedder: fingerprint of the embedder whose vectors go in (see `embedder_fingerprint`).
         nprobe: IVF lists visited per query (ignored by other indexes).
     """
 
-    def __init__(self, dim: int, factory: str = "Flat", embedder: Mapping[str, Any] | None = None,
-                 nprobe: int = 32) -> None:
+    def __init__(
+        self, dim: int, factory: str = "Flat", embedder: Mapping[str, Any] | None = None, nprobe: int = 32
+    ) -> None:
         import faiss
 
         self.dim, self.factory, self.nprobe = dim, factory, nprobe
@@ -99,8 +110,14 @@ class Index:
         """Raise IndexMismatchError unless `settings` fingerprint equals the index's embedder."""
         wanted = embedder_fingerprint(settings)
         if self.embedder and wanted != self.embedder:
-            diff = {k: (self.embedder.get(k), wanted.get(k)) for k in wanted if self.embedder.get(k) != wanted.get(k)}
-            raise IndexMismatchError(f"this index was built with another embedder: (index, requested) = {diff}")
+            diff = {
+                k: (self.embedder.get(k), wanted.get(k))
+                for k in wanted
+                if self.embedder.get(k) != wanted.get(k)
+            }
+            raise IndexMismatchError(
+                f"this index was built with another embedder: (index, requested) = {diff}"
+            )
 
     def save(self, folder: str | Path) -> Path:
         import faiss
@@ -111,8 +128,17 @@ class Index:
             handle.write(faiss.serialize_index(self.index).tobytes())
         with atomic_write(folder / IDS_FILE) as handle:
             json.dump(self.ids, handle)
-        write_json(folder / META_FILE, {"dim": self.dim, "factory": self.factory, "metric": "inner_product",
-                                        "nprobe": self.nprobe, "size": self.size, "embedder": self.embedder})
+        write_json(
+            folder / META_FILE,
+            {
+                "dim": self.dim,
+                "factory": self.factory,
+                "metric": "inner_product",
+                "nprobe": self.nprobe,
+                "size": self.size,
+                "embedder": self.embedder,
+            },
+        )
         return folder
 
     @classmethod
@@ -125,7 +151,9 @@ class Index:
                 raise FileNotFoundError(f"{folder} is not an index folder: {name} is missing")
         meta = json.loads((folder / META_FILE).read_text())
         index = cls(meta["dim"], meta["factory"], meta["embedder"], meta.get("nprobe", 32))
-        index.index = faiss.deserialize_index(np.frombuffer((folder / INDEX_FILE).read_bytes(), dtype=np.uint8))
+        index.index = faiss.deserialize_index(
+            np.frombuffer((folder / INDEX_FILE).read_bytes(), dtype=np.uint8)
+        )
         index.ids = json.loads((folder / IDS_FILE).read_text())
         if len(index.ids) != index.size:
             raise ValueError(f"{folder}: {len(index.ids)} ids for {index.size} vectors")

@@ -1,0 +1,164 @@
+"""Corpus encoding at scale: resumable shards, a content-addressed cache, and sharding across processes.
+
+`encode_corpus` writes `shard-NNNNN.npy` files under a parts folder as it goes, so a killed run resumes
+where it stopped; with a cache folder, an item whose content and embedder settings were embedded before
+is never embedded again. Under torchrun / `accelerate launch` (RANK, WORLD_SIZE set), each process
+encodes every WORLD_SIZE-th shard and rank 0 assembles the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from umarvel.data.io import atomic_write
+from umarvel.data.records import Candidate, Query
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["query", "candidate"]
+Item = Query | Candidate
+
+
+def _image_signature(image: object) -> str:
+    if image is None:
+        return ""
+    path = Path(str(image))
+    try:
+        stat = path.stat()
+    except OSError:
+        return str(path)
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def item_key(item: Item, role: Role, instruction: str | None, fingerprint: str) -> str:
+    """Content address of one embedding: embedder settings, role, instruction, text and image file."""
+    own = item.instruction if isinstance(item, Query) and item.instruction is not None else instruction
+    if role == "candidate":
+        own = None
+    payload = json.dumps([fingerprint, role, own, item.text, _image_signature(item.image)])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class EmbeddingCache:
+    """Content-addressed store of embeddings for one embedder: shard files of (keys, vectors)."""
+
+    def __init__(self, folder: str | Path, fingerprint: str) -> None:
+        self.folder = Path(folder) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.vectors: dict[str, np.ndarray] = {}
+        for shard in sorted(self.folder.glob("cache-*.npz")):
+            with np.load(shard) as data:
+                self.vectors.update(zip(data["keys"].tolist(), data["vectors"], strict=True))
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self.vectors.get(key)
+
+    def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        if not keys:
+            return
+        name = f"cache-{time.time_ns()}-{os.getpid()}.npz"
+        with atomic_write(self.folder / name, "wb") as handle:
+            np.savez(handle, keys=np.array(keys), vectors=vectors.astype(np.float32))
+        self.vectors.update(zip(keys, vectors, strict=True))
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def encode_corpus(
+    embedder: object,
+    items: Sequence[Item],
+    output: str | Path,
+    role: Role = "candidate",
+    instruction: str | None = None,
+    shard_size: int = 4096,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    wait_seconds: float = 3600.0,
+) -> Path:
+    """Embed `items` into `output` (.npy, float32, input order), resumably; returns the output path.
+
+    Args:
+        embedder: an `Embedder`.
+        items: queries or candidates.
+        output: the .npy file to write; `<output>.parts/` holds finished shards until the end.
+        role: "query" (instructions apply) or "candidate".
+        instruction: for queries without their own.
+        shard_size: items per shard (the unit of resumption and of work split across processes).
+        cache_dir: content-addressed cache; items embedded before with the same settings are reused.
+        wait_seconds: how long rank 0 waits for the other ranks' shards.
+    """
+    from umarvel.retrieval.index import embedder_fingerprint
+
+    output = Path(output)
+    settings = embedder_fingerprint(dataclasses.asdict(embedder.settings))  # type: ignore[attr-defined]
+    fingerprint = json.dumps(settings, sort_keys=True)
+    parts = output.with_name(output.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    keys = [item_key(item, role, instruction, fingerprint) for item in items]
+    cache = EmbeddingCache(cache_dir, fingerprint) if cache_dir is not None else None
+    rank, world = _rank_world()
+    # A shard file is named by the hash of its items' content keys: a rerun reuses exactly the shards
+    # whose items, settings and image files are unchanged.
+    shards = []
+    for index, start in enumerate(range(0, len(items), shard_size)):
+        end = min(start + shard_size, len(items))
+        digest = hashlib.sha256("".join(keys[start:end]).encode()).hexdigest()[:16]
+        shards.append((parts / f"shard-{index:05d}-{digest}.npy", start, end))
+    if rank == 0:
+        wanted = {path.name for path, _, _ in shards}
+        for stale in parts.glob("shard-*.npy"):
+            if stale.name not in wanted:
+                stale.unlink()
+    started, encoded = time.perf_counter(), 0
+    for number, (path, start, end) in enumerate(shards):
+        if number % world != rank or path.is_file():
+            continue
+        vectors = np.zeros((end - start, embedder.dim), dtype=np.float32)  # type: ignore[attr-defined]
+        todo = []
+        for offset, key in enumerate(keys[start:end]):
+            hit = cache.get(key) if cache is not None else None
+            if hit is None:
+                todo.append(offset)
+            else:
+                vectors[offset] = hit
+        if todo:
+            chunk = [items[start + o] for o in todo]
+            if role == "query":
+                fresh = embedder.encode_queries(chunk, instruction=instruction, progress=progress)  # type: ignore[attr-defined]
+            else:
+                fresh = embedder.encode_candidates(chunk, progress=progress)  # type: ignore[attr-defined]
+            vectors[todo] = fresh
+            encoded += len(todo)
+            if cache is not None:
+                cache.put([keys[start + o] for o in todo], fresh)
+        with atomic_write(path, "wb") as handle:
+            np.save(handle, vectors)
+        logger.info("shard %d: items %d-%d (%d from cache)", number, start + 1, end, end - start - len(todo))
+    if encoded:
+        logger.info("embedded %d items at %.1f items/s", encoded, encoded / (time.perf_counter() - started))
+    if rank != 0:
+        return output
+    deadline = time.monotonic() + wait_seconds
+    while not all(path.is_file() for path, _, _ in shards):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"shards of other ranks did not appear in {parts} within {wait_seconds} s")
+        time.sleep(1.0)
+    dim = embedder.dim  # type: ignore[attr-defined]
+    matrix = np.concatenate([np.load(p) for p, _, _ in shards]) if shards else np.zeros((0, dim), np.float32)
+    with atomic_write(output, "wb") as handle:
+        np.save(handle, matrix)
+    shutil.rmtree(parts)
+    return output

@@ -1,0 +1,94 @@
+"""Corpus encoding: the cache makes a rerun embed nothing, shards split across ranks, index and search CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from umarvel.cli import app
+from umarvel.data.records import Candidate
+from umarvel.modeling.embedder import Embedder
+from umarvel.retrieval.encode import encode_corpus
+
+ITEMS = [
+    Candidate(did=f"d{i}", text=f"candidate number {i} about {w}")
+    for i, w in enumerate(["cats", "dogs", "cars", "boats", "trees", "lamps", "hats"])
+]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder.from_pretrained("tiny:qwen2_vl")
+
+
+def _counting(embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = Embedder.encode_candidates
+
+    def counting(self: Embedder, candidates: list, **kwargs: object) -> np.ndarray:
+        calls.append(len(candidates))
+        return original(self, candidates, **kwargs)
+
+    monkeypatch.setattr(Embedder, "encode_candidates", counting)
+    return calls
+
+
+def test_a_rerun_with_the_cache_embeds_nothing_and_gives_the_same_vectors(
+    embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = np.load(
+        encode_corpus(embedder, ITEMS, tmp_path / "a.npy", cache_dir=tmp_path / "cache", progress=False)
+    )
+    calls = _counting(embedder, monkeypatch)
+    again = np.load(
+        encode_corpus(
+            embedder,
+            ITEMS[::-1],
+            tmp_path / "b.npy",
+            cache_dir=tmp_path / "cache",
+            shard_size=3,
+            progress=False,
+        )
+    )
+    assert calls == []
+    np.testing.assert_allclose(again, first[::-1])
+
+
+def test_two_ranks_split_the_shards_and_rank_0_assembles_them(
+    embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _counting(embedder, monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    encode_corpus(embedder, ITEMS, tmp_path / "out.npy", shard_size=2, progress=False)
+    assert not (tmp_path / "out.npy").exists()
+    monkeypatch.setenv("RANK", "0")
+    result = np.load(encode_corpus(embedder, ITEMS, tmp_path / "out.npy", shard_size=2, progress=False))
+    assert calls == [2, 1, 2, 2]  # rank 1: shards 1 and 3; rank 0: shards 0 and 2
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    single = np.load(encode_corpus(embedder, ITEMS, tmp_path / "single.npy", progress=False))
+    np.testing.assert_allclose(result, single, atol=1e-5)
+
+
+def test_index_then_search_finds_the_indexed_candidate(tmp_path: Path) -> None:
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"did": c.did, "txt": c.text}) + "\n" for c in ITEMS))
+    runner = CliRunner()
+    built = runner.invoke(
+        app, ["index", "--model", "tiny:qwen2_vl", "--pool", str(pool), "--out", str(tmp_path / "idx")]
+    )
+    assert built.exit_code == 0, built.output
+    found = runner.invoke(app, ["search", str(tmp_path / "idx"), "--text", ITEMS[3].text, "-k", "3"])
+    assert found.exit_code == 0, found.output
+    assert (
+        found.output.index("d3") < found.output.index("d", found.output.index("d3") + 2)
+        or "│ 1    │ d3" in found.output
+    )
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert manifest["embedder"]["model"] == "tiny:qwen2_vl" and manifest["size"] == len(ITEMS)
