@@ -120,3 +120,29 @@ def test_a_composed_config_drops_the_gguf_marker_of_its_dequantised_language_mod
     )
     assert getattr(config.text_config, "quantization_config", None) is None
     assert "quantization_config" not in config.to_dict()["text_config"]
+
+
+def test_a_token_budget_caps_padded_tokens_per_batch_without_changing_embeddings() -> None:
+    from umarvel.data.collator import EncodeItem
+    from umarvel.modeling.embedder import _token_estimate
+
+    budgeted = Embedder.from_pretrained("tiny:qwen2_vl", token_budget=120, batch_size=16)
+    items = [EncodeItem(text="word " * n) for n in (1, 2, 3, 40, 41, 80)]
+    batches = list(budgeted._batches(items, 16))
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(_token_estimate(items[i]) for i in batch) <= 120
+    plain = Embedder.from_pretrained("tiny:qwen2_vl")
+    texts = [item.text for item in items]
+    np.testing.assert_allclose(budgeted.encode_candidates(texts, progress=False),
+                               plain.encode_candidates(texts, progress=False), atol=1e-5)
+
+
+def test_images_decoded_in_loader_workers_give_the_same_embeddings(tmp_path: Path) -> None:
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        _image(i).save(paths[-1])
+    inline = Embedder.from_pretrained("tiny:qwen2_vl").encode_candidates(paths, progress=False)
+    workers = Embedder.from_pretrained("tiny:qwen2_vl", loader_workers=2).encode_candidates(paths, progress=False)
+    np.testing.assert_allclose(workers, inline, atol=1e-6)

@@ -36,6 +36,9 @@ class EmbedderConfig:
         max_image_pixels: images are downscaled to at most this many pixels (300 x 28 x 28).
         format_text: apply M-BEIR's format_string to texts.
         batch_size: items per forward pass when encoding.
+        token_budget: when > 0, also cap a batch at this many padded tokens (estimated), so batches of
+            short texts are large and batches of long ones small.
+        loader_workers: processes that decode images while the model encodes (0: decode inline).
     """
 
     model: str = "offline"
@@ -54,6 +57,8 @@ class EmbedderConfig:
     max_image_pixels: int = 300 * 28 * 28
     format_text: bool = True
     batch_size: int = 16
+    token_budget: int = 0
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.temperature_min <= self.temperature <= self.temperature_max:

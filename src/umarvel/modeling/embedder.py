@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional
@@ -203,7 +212,22 @@ class Embedder(nn.Module):
             or [np.zeros((0, self.dim), np.float32)]
         )
 
-    @torch.no_grad()
+    def _batches(self, window: list[EncodeItem], batch_size: int) -> Iterator[list[int]]:
+        """Positions of `window` grouped into batches: sorted by estimated tokens, at most `batch_size`
+        items and, with a token budget, at most `token_budget` padded tokens per batch."""
+        order = sorted(range(len(window)), key=lambda i: _token_estimate(window[i]))
+        budget = self.settings.token_budget
+        batch: list[int] = []
+        for position in order:
+            longest = _token_estimate(window[position])  # sorted: the newcomer is the longest
+            if batch and (len(batch) >= batch_size or (budget and (len(batch) + 1) * longest > budget)):
+                yield batch
+                batch = []
+            batch.append(position)
+        if batch:
+            yield batch
+
+    @torch.inference_mode()
     def iter_encode(
         self,
         items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem],
@@ -211,20 +235,21 @@ class Embedder(nn.Module):
         progress: bool = True,
         description: str = "encoding",
     ) -> Iterator[np.ndarray]:
-        """Yield embeddings (float32, input order) chunk by chunk, so callers can checkpoint."""
+        """Yield embeddings (float32, input order) window by window, so callers can checkpoint.
+
+        Items (and their images) are prepared in `loader_workers` DataLoader workers when set.
+        """
         batch_size = batch_size or self.settings.batch_size
+        window_size = batch_size * 8
         self.eval()
+        prepared = _prepare(items, self.settings.loader_workers)
         with _progress(progress) as bar:
             task = bar.add_task(description, total=len(items))
-            for start in range(0, len(items), batch_size * 8):
-                # Within a window of 8 batches, sort by a length estimate and restore order after.
-                window = [
-                    item() if callable(item) else item for item in items[start : start + batch_size * 8]
-                ]
-                order = sorted(range(len(window)), key=lambda i: _length_hint(window[i]))
+            for start in range(0, len(items), window_size):
+                # Within a window of 8 batches, group by length and restore the input order after.
+                window = [next(prepared) for _ in range(min(window_size, len(items) - start))]
                 out = np.zeros((len(window), self.dim), dtype=np.float32)
-                for offset in range(0, len(order), batch_size):
-                    chosen = order[offset : offset + batch_size]
+                for chosen in self._batches(window, batch_size):
                     batch = self.collator([window[i] for i in chosen]).to(self.device)
                     out[chosen] = self(batch).float().cpu().numpy()
                     bar.advance(task, len(chosen))
@@ -259,8 +284,39 @@ class Embedder(nn.Module):
         return lambda: self.to_item(value, instruction, root)
 
 
-def _length_hint(item: EncodeItem) -> int:
-    return len(item.text or "") + len(item.instruction or "") + (10_000 if item.image is not None else 0)
+def _token_estimate(item: EncodeItem) -> int:
+    """Rough token count: about 3.5 characters a token, plus about one token per 28 x 28 pixels."""
+    text = len(item.text or "") + len(item.instruction or "")
+    image = item.image.width * item.image.height // 784 if item.image is not None else 0
+    return 16 + text * 2 // 7 + image
+
+
+class _Prepared(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> EncodeItem:
+        item = self.items[index]
+        return item() if callable(item) else item
+
+
+def _prepare(
+    items: Sequence[Callable[[], EncodeItem]] | Sequence[EncodeItem], workers: int
+) -> Iterator[EncodeItem]:
+    """Items in input order, images decoded in `workers` processes (or here, with 0)."""
+    dataset = _Prepared(items)
+    if workers <= 0:
+        return (dataset[i] for i in range(len(dataset)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=8)
+    return iter(loader)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} items/s")
 
 
 def _progress(enabled: bool) -> Progress:
@@ -268,6 +324,7 @@ def _progress(enabled: bool) -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TimeRemainingColumn(),
         disable=not enabled,
         transient=False,
