@@ -50,3 +50,10 @@ def test_no_photo_or_claim_is_in_two_splits(benchmark: Path) -> None:
             for query in read_queries(path):
                 key = str(query.image) if query.image is not None else query.text
                 assert seen.setdefault(f"{query.qid[0]}|{key}", split) == split
+
+
+def test_each_global_pool_is_the_union_of_the_local_pools_of_its_split(benchmark: Path) -> None:
+    mbeir = MBeir(benchmark)
+    for split in ("val", "test"):
+        local = {c.did for row in benchmark_rows(benchmark) for c in mbeir.pool(row, split)}
+        assert {c.did for c in mbeir.global_pool(split)} == local

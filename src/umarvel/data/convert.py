@@ -316,21 +316,22 @@ def _write(bench: _Bench, rows: dict[tuple[str, int], Row], max_queries: int, rn
                 continue
             write_jsonl(root / "query" / split / f"mbeir_{row.name}_{split}.jsonl", queries)
             write_qrels(root / "qrels" / split / f"mbeir_{row.name}_{split}_qrels.txt", queries)
-            union_pools[split].extend(pool)
             if split == "val":
                 union_val.extend(queries)
+        # The global pool of a split is the union of the local pools its queries are searched in.
         if row.dataset == "mscoco":
             for split in ("val", "test"):
                 write_jsonl(
                     root / "cand_pool" / "local" / f"mbeir_{row.name}_{split}_cand_pool.jsonl",
                     bench.pools[(row, split)],
                 )
+                union_pools[split].extend(bench.pools[(row, split)])
         else:
             # One local pool serves val and test, as in M-BEIR.
-            write_jsonl(
-                root / "cand_pool" / "local" / f"mbeir_{row.name}_cand_pool.jsonl",
-                bench.pools[(row, "val")] + bench.pools[(row, "test")],
-            )
+            shared = bench.pools[(row, "val")] + bench.pools[(row, "test")]
+            write_jsonl(root / "cand_pool" / "local" / f"mbeir_{row.name}_cand_pool.jsonl", shared)
+            union_pools["val"].extend(shared)
+            union_pools["test"].extend(shared)
     for split, pool in union_pools.items():
         write_jsonl(root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl", pool)
     union_train = []
