@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -255,6 +256,78 @@ def eval_runs(
         out, "eval runs", {"split": split, "pool": pool}, inputs={"mbeir_root": root, "runs": runs}
     )
     Console().print(render_table(scores))
+
+
+@eval_app.command("beir")
+def eval_beir(
+    model: Annotated[str, typer.Option(help="offline | tiny:<family> | hub id | checkpoint folder")],
+    folder: Annotated[Path, typer.Option(help="BEIR folder: corpus.jsonl, queries, qrels/<split>.tsv")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    split: Annotated[str, typer.Option(help="qrels split")] = "test",
+    instruction: Annotated[str | None, typer.Option(help="query instruction")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """BEIR text retrieval: nDCG@10, recall@100, MRR@10."""
+    from umarvel.evaluation.suites import evaluate_beir
+
+    _run_suite(
+        "beir",
+        model,
+        out,
+        set_,
+        {"folder": folder},
+        lambda embedder: evaluate_beir(embedder, folder, split, instruction),
+    )
+
+
+@eval_app.command("captions")
+def eval_captions(
+    model: Annotated[str, typer.Option(help="offline | tiny:<family> | hub id | checkpoint folder")],
+    captions: Annotated[Path, typer.Option(help="csv with image,caption")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    split: Annotated[str, typer.Option(help="held split of the images: test, val, train or all")] = "test",
+    image_root: Annotated[Path | None, typer.Option(help="images folder (default: beside the csv)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Caption retrieval both ways: recall@1/5/10 text->image and image->text."""
+    from umarvel.evaluation.suites import evaluate_captions
+
+    _run_suite(
+        "captions",
+        model,
+        out,
+        set_,
+        {"captions": captions},
+        lambda embedder: evaluate_captions(embedder, captions, split, image_root),
+    )
+
+
+def _run_suite(
+    name: str,
+    model: str,
+    out: Path,
+    set_: list[str] | None,
+    inputs: dict[str, Path],
+    evaluate: Callable[[Any], dict],
+) -> None:
+    from umarvel.config.manifest import write_manifest
+    from umarvel.data.io import write_json
+    from umarvel.modeling.embedder import Embedder
+
+    try:
+        config = _embedder_config(model, set_)
+        embedder = Embedder.from_pretrained(model, **{k: v for k, v in vars(config).items() if k != "model"})
+        result = evaluate(embedder)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    write_json(out / "results.json", result)
+    write_manifest(out, f"eval {name}", config, inputs=inputs, extra={"results": result})
+    table = Table(title=f"{name}: {model}")
+    table.add_column("metric")
+    table.add_column("value")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console().print(table)
 
 
 @app.command("make-mini-mbeir")
