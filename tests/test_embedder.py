@@ -146,3 +146,13 @@ def test_images_decoded_in_loader_workers_give_the_same_embeddings(tmp_path: Pat
     inline = Embedder.from_pretrained("tiny:qwen2_vl").encode_candidates(paths, progress=False)
     workers = Embedder.from_pretrained("tiny:qwen2_vl", loader_workers=2).encode_candidates(paths, progress=False)
     np.testing.assert_allclose(workers, inline, atol=1e-6)
+
+
+def test_auto_dtype_picks_bf16_only_where_the_hardware_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from umarvel.modeling import embedder as module
+
+    monkeypatch.setattr(module, "native_bf16", lambda: True)
+    assert module.resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(module, "native_bf16", lambda: False)
+    assert module.resolve_dtype("auto") == torch.float32
+    assert module.resolve_dtype("float16") == torch.float16

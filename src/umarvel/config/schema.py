@@ -8,7 +8,7 @@ from typing import Literal
 Pooling = Literal["mean", "last_token"]
 AttentionMode = Literal["causal", "bidirectional"]
 AttentionKernel = Literal["eager", "sdpa", "flash_attention_2"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
 InstructionChoice = Literal["hash", "first"]
 SourceKind = Literal["nli_csv", "sick", "stsb", "beir", "image_captions", "mbeir"]
 SplitName = Literal["train", "val", "test", "all"]
@@ -21,7 +21,8 @@ class EmbedderConfig:
 
     Model:
         model: `offline`, `tiny:<family>`, a hub id, or a checkpoint folder.
-        dtype / attn_implementation: weights dtype and attention kernel.
+        dtype / attn_implementation: weights dtype and attention kernel; dtype `auto` is bfloat16 where
+            the hardware computes it natively (a bf16 GPU, or a CPU with AMX / AVX512-BF16), else float32.
         visual_tokens: visual tokens per image for the composed backbone (a square number).
     Embedding (U-MARVEL defaults, method doc section 2):
         attention: bidirectional attention in the language model.

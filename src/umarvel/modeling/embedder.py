@@ -47,6 +47,23 @@ EMBEDDER_FILE = "umarvel_embedder.json"
 TEMPERATURE_FILE = "temperature.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: a bf16-capable GPU, or a CPU with AMX / AVX512-BF16."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return DTYPES[name]
+
 Encodable = Query | Candidate | str | Path | Image.Image | dict[str, Any]
 
 
@@ -90,7 +107,7 @@ class Embedder(nn.Module):
         config = from_dict(EmbedderConfig, {**saved, **overrides, "model": model})
         backbone = load_backbone(
             model,
-            dtype=DTYPES[config.dtype],
+            dtype=resolve_dtype(config.dtype),
             attn_implementation=config.attn_implementation,
             visual_tokens=config.visual_tokens,
         )
