@@ -42,7 +42,6 @@ class ComposedConfig(PretrainedConfig):
     """
 
     model_type = "umarvel_composed"
-    sub_configs: ClassVar[dict[str, type]] = {"text_config": AutoConfig}
 
     def __init__(
         self,
