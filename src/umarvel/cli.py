@@ -216,7 +216,7 @@ def eval_mbeir(
         )
     try:
         config = _embedder_config(model, set_)
-        embedder = Embedder.from_pretrained(model, **{k: v for k, v in vars(config).items() if k != "model"})
+        embedder = Embedder.from_config(config)
         scores = evaluate_mbeir(embedder, root, out, split, POOL_SETTINGS[pool], tasks, factory)
     except (InputError, ConfigError) as error:
         _fail(error)
@@ -316,7 +316,7 @@ def _run_suite(
 
     try:
         config = _embedder_config(model, set_)
-        embedder = Embedder.from_pretrained(model, **{k: v for k, v in vars(config).items() if k != "model"})
+        embedder = Embedder.from_config(config)
         result = evaluate(embedder)
     except (InputError, ConfigError) as error:
         _fail(error)

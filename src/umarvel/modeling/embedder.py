@@ -64,6 +64,7 @@ def resolve_dtype(name: str) -> torch.dtype:
         return torch.bfloat16 if native_bf16() else torch.float32
     return DTYPES[name]
 
+
 Encodable = Query | Candidate | str | Path | Image.Image | dict[str, Any]
 
 
@@ -116,6 +117,13 @@ class Embedder(nn.Module):
             with torch.no_grad():
                 embedder.log_temperature.copy_(load_file(path / TEMPERATURE_FILE)["log_temperature"])
         return embedder
+
+    @classmethod
+    def from_config(cls, config: EmbedderConfig) -> Embedder:
+        """Load `config.model` with every other setting of `config`."""
+        return cls.from_pretrained(
+            config.model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

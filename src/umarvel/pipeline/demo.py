@@ -49,9 +49,7 @@ def run_demo(
     rng = random.Random(seed)
     pairs = _flickr_sample(flickr, photos, rng)
     started = time.perf_counter()
-    embedder = Embedder.from_pretrained(
-        config.model, **{k: v for k, v in vars(config).items() if k != "model"}
-    )
+    embedder = Embedder.from_config(config)
     load_s = time.perf_counter() - started
     texts = [Candidate(did=f"c{i}", text=text) for i, (_, text) in enumerate(pairs)]
     images = sorted({image for image, _ in pairs})

@@ -7,7 +7,6 @@ final file is written atomically, with `<output>.manifest.json` beside it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Literal
@@ -81,9 +80,7 @@ def embed_file(
 
     input_path, output_path = Path(input_path), Path(output_path)
     items = read_items(input_path, role, image_root)
-    embedder = Embedder.from_pretrained(
-        config.model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
-    )
+    embedder = Embedder.from_config(config)
     encode_corpus(
         embedder,
         items,

@@ -33,9 +33,7 @@ def build_index(
     out_dir = Path(out_dir)
     items = read_items(pool_path, "candidate", image_root)
     ids = [item.did for item in items]  # type: ignore[union-attr]
-    embedder = Embedder.from_pretrained(
-        config.model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
-    )
+    embedder = Embedder.from_config(config)
     vectors_path = encode_corpus(
         embedder, items, out_dir / "embeddings.npy", "candidate", cache_dir=cache_dir, progress=progress
     )

@@ -35,8 +35,7 @@ def build_trainer(config: RunConfig, output_dir: Path) -> Any:
 
     if not config.data.train:
         raise ValueError("the recipe has no data.train sources")
-    settings = {k: v for k, v in dataclasses.asdict(config.embedder).items() if k != "model"}
-    embedder = Embedder.from_pretrained(config.embedder.model, **settings)
+    embedder = Embedder.from_config(config.embedder)
     rows = [row for source in config.data.train for row in load_rows(source)]
     dataset = TrainingSet(
         rows,
