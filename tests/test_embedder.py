@@ -134,8 +134,11 @@ def test_a_token_budget_caps_padded_tokens_per_batch_without_changing_embeddings
         assert len(batch) == 1 or len(batch) * max(_token_estimate(items[i]) for i in batch) <= 120
     plain = Embedder.from_pretrained("tiny:qwen2_vl")
     texts = [item.text for item in items]
-    np.testing.assert_allclose(budgeted.encode_candidates(texts, progress=False),
-                               plain.encode_candidates(texts, progress=False), atol=1e-5)
+    np.testing.assert_allclose(
+        budgeted.encode_candidates(texts, progress=False),
+        plain.encode_candidates(texts, progress=False),
+        atol=1e-5,
+    )
 
 
 def test_images_decoded_in_loader_workers_give_the_same_embeddings(tmp_path: Path) -> None:
@@ -144,7 +147,9 @@ def test_images_decoded_in_loader_workers_give_the_same_embeddings(tmp_path: Pat
         paths.append(tmp_path / f"{i}.png")
         _image(i).save(paths[-1])
     inline = Embedder.from_pretrained("tiny:qwen2_vl").encode_candidates(paths, progress=False)
-    workers = Embedder.from_pretrained("tiny:qwen2_vl", loader_workers=2).encode_candidates(paths, progress=False)
+    workers = Embedder.from_pretrained("tiny:qwen2_vl", loader_workers=2).encode_candidates(
+        paths, progress=False
+    )
     np.testing.assert_allclose(workers, inline, atol=1e-6)
 
 

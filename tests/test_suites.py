@@ -30,9 +30,15 @@ class _LookupEmbedder:
 
 def _beir(tmp_path: Path) -> Path:
     (tmp_path / "qrels").mkdir(parents=True)
-    (tmp_path / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "title": "", "text": "topic {i}"}}\n' for i in range(20)))
-    (tmp_path / "queries_test.jsonl").write_text("".join(f'{{"_id": "q{i}", "text": "topic {i}"}}\n' for i in range(5)))
-    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(5)))
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(f'{{"_id": "d{i}", "title": "", "text": "topic {i}"}}\n' for i in range(20))
+    )
+    (tmp_path / "queries_test.jsonl").write_text(
+        "".join(f'{{"_id": "q{i}", "text": "topic {i}"}}\n' for i in range(5))
+    )
+    (tmp_path / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(5))
+    )
     return tmp_path
 
 
