@@ -26,6 +26,22 @@ def mini_mbeir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_mini_mbeir(tmp_path_factory.mktemp("mini") / "M-BEIR")
 
 
+@pytest.fixture
+def candidate_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the size of every `Embedder.encode_candidates` call made during the test."""
+    from umarvel.modeling.embedder import Embedder
+
+    calls: list[int] = []
+    original = Embedder.encode_candidates
+
+    def counting(self: Embedder, candidates: list, **kwargs: object) -> object:
+        calls.append(len(candidates))
+        return original(self, candidates, **kwargs)
+
+    monkeypatch.setattr(Embedder, "encode_candidates", counting)
+    return calls
+
+
 def shared_data_or_skip(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():

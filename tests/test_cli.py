@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from umarvel.cli import app
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError
-from umarvel.modeling.embedder import Embedder
 from umarvel.pipeline.embed import embed_file
 
 runner = CliRunner()
@@ -68,7 +67,7 @@ def test_bad_input_exits_with_an_error_naming_file_and_line(tmp_path: Path) -> N
 
 
 def test_an_interrupted_embed_resumes_without_redoing_finished_chunks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, candidate_encodes: list[int]
 ) -> None:
     items = tmp_path / "items.jsonl"
     lines = [{"txt": f"item number {i}"} for i in range(4)] + [{"txt": "x", "img_path": "red.png"}] * 2
@@ -81,16 +80,9 @@ def test_an_interrupted_embed_resumes_without_redoing_finished_chunks(
     assert list((tmp_path / "out.npy.parts").glob("shard-00000-*.npy")) and not output.exists()
 
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "red.png", format="PNG")
-    encoded: list[int] = []
-    original = Embedder.encode_candidates
-
-    def counting(self: Embedder, candidates: list, **kwargs: object) -> np.ndarray:
-        encoded.append(len(candidates))
-        return original(self, candidates, **kwargs)
-
-    monkeypatch.setattr(Embedder, "encode_candidates", counting)
+    candidate_encodes.clear()
     embed_file(items, output, config, chunk_size=4, progress=False)
-    assert encoded == [2]  # only the unfinished chunk
+    assert candidate_encodes == [2]  # only the unfinished chunk
     fresh = embed_file(items, tmp_path / "fresh.npy", config, chunk_size=6, progress=False)
     np.testing.assert_allclose(np.load(output), np.load(fresh), atol=1e-5)
 

@@ -25,25 +25,13 @@ def embedder() -> Embedder:
     return Embedder.from_pretrained("tiny:qwen2_vl")
 
 
-def _counting(embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    original = Embedder.encode_candidates
-
-    def counting(self: Embedder, candidates: list, **kwargs: object) -> np.ndarray:
-        calls.append(len(candidates))
-        return original(self, candidates, **kwargs)
-
-    monkeypatch.setattr(Embedder, "encode_candidates", counting)
-    return calls
-
-
 def test_a_rerun_with_the_cache_embeds_nothing_and_gives_the_same_vectors(
-    embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embedder: Embedder, tmp_path: Path, candidate_encodes: list[int]
 ) -> None:
     first = np.load(
         encode_corpus(embedder, ITEMS, tmp_path / "a.npy", cache_dir=tmp_path / "cache", progress=False)
     )
-    calls = _counting(embedder, monkeypatch)
+    candidate_encodes.clear()
     again = np.load(
         encode_corpus(
             embedder,
@@ -54,21 +42,20 @@ def test_a_rerun_with_the_cache_embeds_nothing_and_gives_the_same_vectors(
             progress=False,
         )
     )
-    assert calls == []
+    assert candidate_encodes == []
     np.testing.assert_allclose(again, first[::-1])
 
 
 def test_two_ranks_split_the_shards_and_rank_0_assembles_them(
-    embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidate_encodes: list[int]
 ) -> None:
-    calls = _counting(embedder, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     encode_corpus(embedder, ITEMS, tmp_path / "out.npy", shard_size=2, progress=False)
     assert not (tmp_path / "out.npy").exists()
     monkeypatch.setenv("RANK", "0")
     result = np.load(encode_corpus(embedder, ITEMS, tmp_path / "out.npy", shard_size=2, progress=False))
-    assert calls == [2, 1, 2, 2]  # rank 1: shards 1 and 3; rank 0: shards 0 and 2
+    assert candidate_encodes == [2, 1, 2, 2]  # rank 1: shards 1 and 3; rank 0: shards 0 and 2
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     single = np.load(encode_corpus(embedder, ITEMS, tmp_path / "single.npy", progress=False))
