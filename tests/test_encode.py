@@ -78,3 +78,20 @@ def test_index_then_search_finds_the_indexed_candidate(tmp_path: Path) -> None:
     )
     manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert manifest["embedder"]["model"] == "tiny:qwen2_vl" and manifest["size"] == len(ITEMS)
+
+
+def test_a_finished_output_is_reused_only_for_the_same_items_and_embedder(
+    embedder: Embedder, tmp_path: Path, candidate_encodes: list[int]
+) -> None:
+    output = tmp_path / "out.npy"
+    encode_corpus(embedder, ITEMS, output, progress=False)
+    candidate_encodes.clear()
+    encode_corpus(embedder, ITEMS, output, progress=False)
+    assert candidate_encodes == []
+    changed = [*ITEMS[:-1], Candidate(did="new", text="something else entirely")]
+    np.testing.assert_allclose(
+        np.load(encode_corpus(embedder, changed, output, progress=False))[:-1],
+        np.load(encode_corpus(embedder, ITEMS[:-1], tmp_path / "x.npy", progress=False)),
+        atol=1e-5,
+    )
+    assert candidate_encodes[0] == len(ITEMS)  # the one shard holding the changed item was redone

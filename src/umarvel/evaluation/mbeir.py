@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -228,6 +228,12 @@ def render_table(scores: Scores) -> str:
     return "\n".join(lines)
 
 
+def _encode(embedder: object, items: Sequence[Any], path: Path, role: str, progress: bool) -> np.ndarray:
+    from umarvel.retrieval.encode import encode_corpus
+
+    return np.load(encode_corpus(embedder, items, path, role, progress=progress))  # type: ignore[arg-type]
+
+
 def evaluate_mbeir(
     embedder: object,
     root: str | Path,
@@ -264,6 +270,9 @@ def evaluate_mbeir(
         raise InputError(root, f"no M-BEIR rows with {split} queries and qrels")
     runs_dir = Path(out_dir) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    # Embeddings go through resumable, content-addressed shards: a killed evaluation picks up where it
+    # stopped, and a rerun with the same embedder re-encodes nothing.
+    embeddings = Path(out_dir) / "embeddings"
     fingerprint = embedder_fingerprint(vars(embedder.settings))  # type: ignore[attr-defined]
     run_id = str(fingerprint["model"]).replace(" ", "_")
     candidates: dict[str, np.ndarray] = {}
@@ -271,11 +280,15 @@ def evaluate_mbeir(
     for row in rows:
         row_queries = mbeir.queries(row, split)  # type: ignore[arg-type]
         logger.info("%s: %d queries", row.name, len(row_queries))
-        vectors = embedder.encode_queries(row_queries, progress=progress)  # type: ignore[attr-defined]
+        vectors = _encode(
+            embedder, row_queries, embeddings / f"{row.name}_{split}_queries.npy", "query", progress
+        )
         queries[row.name] = ([q.qid for q in row_queries], vectors)
         pool = [c for c in mbeir.pool(row, split) if c.did not in candidates]  # type: ignore[arg-type]
         if pool:
-            pool_vectors = embedder.encode_candidates(pool, progress=progress)  # type: ignore[attr-defined]
+            pool_vectors = _encode(
+                embedder, pool, embeddings / f"{row.name}_{split}_pool.npy", "candidate", progress
+            )
             candidates.update(zip((c.did for c in pool), pool_vectors, strict=True))
         if "local" in settings:
             local_ids = [c.did for c in mbeir.pool(row, split)]  # type: ignore[arg-type]
@@ -296,7 +309,9 @@ def evaluate_mbeir(
             extra = [c for c in mbeir.global_pool(split) if c.did not in candidates]  # type: ignore[arg-type]
             if extra:
                 logger.info("embedding %d global-pool candidates not in any local pool", len(extra))
-                vectors = embedder.encode_candidates(extra, progress=progress)  # type: ignore[attr-defined]
+                vectors = _encode(
+                    embedder, extra, embeddings / f"global_{split}_extra.npy", "candidate", progress
+                )
                 candidates.update(zip((c.did for c in extra), vectors, strict=True))
             global_ids = [c.did for c in mbeir.global_pool(split)]  # type: ignore[arg-type]
         else:

@@ -108,6 +108,12 @@ def encode_corpus(
     parts = output.with_name(output.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     keys = [item_key(item, role, instruction, fingerprint) for item in items]
+    # A finished output remembers the content hash of everything in it: the same call returns at once.
+    done_key = hashlib.sha256("".join(keys).encode()).hexdigest()
+    key_file = output.with_name(output.name + ".key")
+    if output.is_file() and key_file.is_file() and key_file.read_text() == done_key:
+        logger.info("%s is up to date (%d items)", output, len(items))
+        return output
     cache = EmbeddingCache(cache_dir, fingerprint) if cache_dir is not None else None
     rank, world = _rank_world()
     # A shard file is named by the hash of its items' content keys: a rerun reuses exactly the shards
@@ -160,5 +166,6 @@ def encode_corpus(
     matrix = np.concatenate([np.load(p) for p, _, _ in shards]) if shards else np.zeros((0, dim), np.float32)
     with atomic_write(output, "wb") as handle:
         np.save(handle, matrix)
+    key_file.write_text(done_key)
     shutil.rmtree(parts)
     return output
