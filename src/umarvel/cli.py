@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from umarvel.config.io import ConfigError, from_dict, load_config
+from umarvel.config.io import ConfigError, apply_override, from_dict, load_config
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError
 
@@ -170,6 +170,9 @@ def search(
     image: Annotated[Path | None, typer.Option(help="query image")] = None,
     instruction: Annotated[str | None, typer.Option(help="task instruction")] = None,
     k: Annotated[int, typer.Option("-k", help="results to show")] = 10,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="runtime override, e.g. dtype=bfloat16 (not the model)")
+    ] = None,
 ) -> None:
     """Search an index with a text and/or image query; prints ranked dids with scores."""
     from umarvel.pipeline.index import search_index
@@ -178,7 +181,10 @@ def search(
     if text is None and image is None:
         _fail(InputError(None, "give --text, --image or both"))
     try:
-        result = search_index(index_dir, text, image, instruction, k)
+        overrides: dict[str, Any] = {}
+        for item in set_ or []:
+            apply_override(overrides, item)
+        result = search_index(index_dir, text, image, instruction, k, overrides)
     except (InputError, ConfigError, IndexMismatchError, FileNotFoundError) as error:
         _fail(error)
     table = Table(title=f"top {k}")
