@@ -195,6 +195,65 @@ def search(
     Console().print(table)
 
 
+@app.command()
+def mine(
+    model: Annotated[str, typer.Option(help="the embedder that mines (the stage-A3 checkpoint)")],
+    root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
+    out: Annotated[Path, typer.Option(help="output folder: negatives.jsonl, audit.json, audit_scores.png")],
+    queries: Annotated[
+        str, typer.Option(help="query file under root")
+    ] = "query/union_train/mbeir_union_up_train.jsonl",
+    pool: Annotated[
+        str, typer.Option(help="pool file under root")
+    ] = "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
+    k: Annotated[int, typer.Option(help="negatives per query")] = 5,
+    max_score: Annotated[
+        float | None, typer.Option(help="drop candidates scoring above this (paper: 0.7)")
+    ] = 0.7,
+    margin: Annotated[
+        float | None, typer.Option(help="drop candidates above positive score - margin")
+    ] = None,
+    shortlist: Annotated[int, typer.Option(help="candidates retrieved per query")] = 100,
+    selection: Annotated[str, typer.Option(help="top | sample (from the rank window)")] = "top",
+    rank_start: Annotated[int, typer.Option(help="rank window start, after filtering")] = 0,
+    rank_end: Annotated[int, typer.Option(help="rank window end, after filtering")] = 100,
+    keep_duplicates: Annotated[bool, typer.Option(help="keep copies of a positive's text/image")] = False,
+    seed: Annotated[int, typer.Option(help="seed for sampled selection")] = 42,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Mine hard negatives with false-negative filtering, and write an audit of what was dropped."""
+    from umarvel.config.manifest import write_manifest
+    from umarvel.mining.filters import NegativeRules
+    from umarvel.mining.mine import mine_negatives
+    from umarvel.modeling.embedder import Embedder
+
+    if selection not in ("top", "sample"):
+        _fail(ConfigError(f"--selection must be top or sample, got {selection!r}"))
+    rules = NegativeRules(
+        k=k,
+        max_score=max_score,
+        margin=margin,
+        drop_duplicates=not keep_duplicates,
+        rank_start=rank_start,
+        rank_end=rank_end,
+        selection=selection,
+        seed=seed,
+    )  # type: ignore[arg-type]
+    try:
+        config = _embedder_config(model, set_)
+        path = mine_negatives(Embedder.from_config(config), root, queries, pool, out, rules, shortlist)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    write_manifest(
+        out,
+        "mine",
+        config,
+        inputs={"queries": root / queries, "pool": root / pool},
+        extra={"rules": vars(rules), "shortlist": shortlist},
+    )
+    console.print(f"wrote {path} and {out / 'audit.json'}")
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate: the M-BEIR table, or existing run files.")
 app.add_typer(eval_app, name="eval")
 POOL_SETTINGS = {"local": ("local",), "global": ("global",), "both": ("local", "global")}

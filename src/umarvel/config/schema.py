@@ -98,6 +98,8 @@ class DataSource:
     pool: `mbeir` only: the candidate pool file, relative to the M-BEIR root.
     image_root: images are relative to this folder (default: beside the file).
     max_rows: keep the first n rows (after splitting); 0 keeps all.
+    negatives: `mbeir` only: a `negatives.jsonl` written by `umarvel mine`, aligned line by line
+        with the query file; its negatives become the rows' hard negatives (stage B).
     """
 
     kind: SourceKind
@@ -107,6 +109,7 @@ class DataSource:
     queries: str = "query/union_train/mbeir_union_up_train.jsonl"
     image_root: str | None = None
     max_rows: int = 0
+    negatives: str | None = None
 
 
 @dataclass(frozen=True)

@@ -89,16 +89,37 @@ def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
     instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv")
     queries = read_queries(root / source.queries, instructions, image_root=root)
     pool = {c.did: c for c in read_pool(root / source.pool, image_root=root)}
+    mined = _mined_negatives(Path(source.negatives), queries) if source.negatives else None
     rows = []
-    for query in queries:
+    for number, query in enumerate(queries):
         positives = tuple(pool[d] for d in query.positives if d in pool)
         if not positives:
             raise InputError(
                 query.source, f"none of the positives of {query.qid} is in the pool {source.pool}"
             )
-        negatives = tuple(pool[d] for d in query.negatives if d in pool)
+        listed = mined[number] if mined is not None else list(query.negatives)
+        negatives = tuple(pool[d] for d in listed if d in pool)
         rows.append(TrainRow(query, positives, negatives))
     return rows
+
+
+def _mined_negatives(path: Path, queries: Sequence[Query]) -> list[list[str]]:
+    """Negatives per query from a `negatives.jsonl` aligned line by line with the query file."""
+    from umarvel.data.io import read_jsonl
+
+    lines = list(read_jsonl(path))
+    if len(lines) != len(queries):
+        raise InputError(
+            path, f"{len(lines)} lines for {len(queries)} queries; it must align with the query file"
+        )
+    mined = []
+    for (number, record), query in zip(lines, queries, strict=True):
+        if record.get("qid") != query.qid:
+            raise InputError(
+                f"{path}:{number}", f"qid {record.get('qid')!r} where the query file has {query.qid!r}"
+            )
+        mined.append([str(d) for d in record.get("negatives", [])])
+    return mined
 
 
 def _encode_item(record: Query | Candidate, max_pixels: int, with_instruction: bool) -> EncodeItem:
