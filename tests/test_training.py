@@ -179,7 +179,7 @@ def test_every_paper_recipe_validates_in_a_dry_run(tmp_path: Path) -> None:
     from umarvel.pipeline.train import dry_run
 
     recipes = sorted(Path("recipes/qwen2vl-7b").glob("0*.yaml"))
-    assert len(recipes) == 3
+    assert len(recipes) == 4
     for recipe in recipes:
         config = load_config(recipe)
         assert config.embedder.dtype == "bfloat16" and config.train.bf16

@@ -395,6 +395,25 @@ def _run_suite(
     Console().print(table)
 
 
+@app.command()
+def pipeline(
+    recipe: Annotated[Path, typer.Argument(help="multi-stage recipe (YAML: stages, output_dir, seed)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="first stage to run")] = None,
+    until: Annotated[str | None, typer.Option(help="last stage to run")] = None,
+) -> None:
+    """Run a multi-stage recipe; finished stages with an unchanged fingerprint are skipped."""
+    from umarvel.pipeline.run import PipelineConfig, run_pipeline
+
+    try:
+        config = load_config(recipe, overrides or [], cls=PipelineConfig)
+        status = run_pipeline(config, from_, until)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    for name, state in status.items():
+        console.print(f"{name}: {state}")
+
+
 @app.command("make-mini-mbeir")
 def make_mini_mbeir(
     output: Annotated[Path, typer.Argument(help="folder to create (the M-BEIR root)")],

@@ -212,7 +212,21 @@ def _stand_in(source: DataSource, folder: Path) -> DataSource:
         return dataclasses.replace(source, path=str(path), split="all", image_root=str(folder / "images"))
     else:
         path = build_mini_mbeir(folder / "M-BEIR")
-        return dataclasses.replace(source, path=str(path), pool=DataSource.pool, queries=DataSource.queries)
+        # Negatives for a hard-negative stage: the first pool candidates that are not a positive.
+        pool = [json.loads(line)["did"] for line in (path / DataSource.pool).read_text().splitlines()]
+        mined = []
+        for line in (path / DataSource.queries).read_text().splitlines():
+            query = json.loads(line)
+            negatives = [d for d in pool if d not in query["pos_cand_list"]][:8]
+            mined.append(json.dumps({"qid": query["qid"], "negatives": negatives}))
+        (folder / "negatives.jsonl").write_text("\n".join(mined) + "\n")
+        return dataclasses.replace(
+            source,
+            path=str(path),
+            pool=DataSource.pool,
+            queries=DataSource.queries,
+            negatives=str(folder / "negatives.jsonl"),
+        )
     return dataclasses.replace(source, path=str(path))
 
 
