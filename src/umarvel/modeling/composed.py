@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchFeature, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BatchFeature,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -224,7 +232,8 @@ class ComposedProcessor:
     def from_pretrained(cls, directory: str | Path) -> ComposedProcessor:
         directory = Path(directory)
         settings = json.loads((directory / PROCESSOR_FILE).read_text())
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        # The fast tokenizer class directly: AutoTokenizer would look up our unregistered model type.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
         return cls(
             tokenizer,
             settings["visual_tokens"],
