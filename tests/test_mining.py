@@ -131,3 +131,21 @@ def test_stage_b_trains_on_mined_negatives_and_refuses_a_misaligned_file(mini_mb
     mined.write_text("\n".join(mined.read_text().splitlines()[1:]) + "\n")
     with pytest.raises(InputError, match="must align with the query file"):
         load_rows(config.data.train[0])
+
+
+def test_a_query_left_without_mined_negatives_gets_seeded_random_pool_candidates(
+    mini_mbeir, tmp_path
+) -> None:
+    from umarvel.config.schema import DataSource
+    from umarvel.data.training import load_rows
+
+    queries = (mini_mbeir / "query/union_train/mbeir_union_up_train.jsonl").read_text().splitlines()
+    path = tmp_path / "negatives.jsonl"
+    path.write_text(
+        "".join(json.dumps({"qid": json.loads(q)["qid"], "negatives": []}) + "\n" for q in queries)
+    )
+    source = DataSource(kind="mbeir", path=str(mini_mbeir), negatives=str(path))
+    rows, again = load_rows(source), load_rows(source)
+    assert all(row.negatives for row in rows)
+    assert all(not {c.did for c in row.negatives} & set(row.query.positives) for row in rows)
+    assert [[c.did for c in r.negatives] for r in rows] == [[c.did for c in r.negatives] for r in again]

@@ -27,7 +27,7 @@ from umarvel.data.pairs import (
     read_stsb_pairs,
 )
 from umarvel.data.records import Candidate, Query, TrainGroup
-from umarvel.data.sampling import held_split, pick_negatives, pick_positive, stable_id
+from umarvel.data.sampling import held_split, pick_negatives, pick_positive, row_rng, stable_hash, stable_id
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
     queries = read_queries(root / source.queries, instructions, image_root=root)
     pool = {c.did: c for c in read_pool(root / source.pool, image_root=root)}
     mined = _mined_negatives(Path(source.negatives), queries) if source.negatives else None
+    dids, filled = list(pool), 0
     rows = []
     for number, query in enumerate(queries):
         positives = tuple(pool[d] for d in query.positives if d in pool)
@@ -99,7 +100,18 @@ def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
             )
         listed = mined[number] if mined is not None else list(query.negatives)
         negatives = tuple(pool[d] for d in listed if d in pool)
+        if mined is not None and not negatives:
+            # Every shortlisted candidate was filtered out: fall back to seeded random pool candidates,
+            # as the official code does, rather than dropping the query from stage B.
+            rng = row_rng(0, 0, stable_hash(query.qid))
+            others = [d for d in rng.sample(dids, min(len(dids), 64)) if d not in query.positives]
+            negatives = tuple(pool[d] for d in others[:8])
+            filled += 1
         rows.append(TrainRow(query, positives, negatives))
+    if filled:
+        logger.warning(
+            "%d of %d queries had no mined negative left and got random pool candidates", filled, len(rows)
+        )
     return rows
 
 
