@@ -284,14 +284,15 @@ def evaluate_mbeir(
             embedder, row_queries, embeddings / f"{row.name}_{split}_queries.npy", "query", progress
         )
         queries[row.name] = ([q.qid for q in row_queries], vectors)
-        pool = [c for c in mbeir.pool(row, split) if c.did not in candidates]  # type: ignore[arg-type]
+        local = mbeir.pool(row, split)  # type: ignore[arg-type]
+        pool = [c for c in local if c.did not in candidates]
         if pool:
             pool_vectors = _encode(
                 embedder, pool, embeddings / f"{row.name}_{split}_pool.npy", "candidate", progress
             )
             candidates.update(zip((c.did for c in pool), pool_vectors, strict=True))
         if "local" in settings:
-            local_ids = [c.did for c in mbeir.pool(row, split)]  # type: ignore[arg-type]
+            local_ids = [c.did for c in local]
             index = Index(vectors.shape[1], factory, fingerprint)
             index.add(np.stack([candidates[d] for d in local_ids]), local_ids)
             result = index.search(vectors, SEARCH_K)
@@ -306,14 +307,15 @@ def evaluate_mbeir(
     if "global" in settings:
         global_file = mbeir.global_pool_file(split)  # type: ignore[arg-type]
         if global_file.is_file():
-            extra = [c for c in mbeir.global_pool(split) if c.did not in candidates]  # type: ignore[arg-type]
+            union = mbeir.global_pool(split)  # type: ignore[arg-type]
+            extra = [c for c in union if c.did not in candidates]
             if extra:
                 logger.info("embedding %d global-pool candidates not in any local pool", len(extra))
                 vectors = _encode(
                     embedder, extra, embeddings / f"global_{split}_extra.npy", "candidate", progress
                 )
                 candidates.update(zip((c.did for c in extra), vectors, strict=True))
-            global_ids = [c.did for c in mbeir.global_pool(split)]  # type: ignore[arg-type]
+            global_ids = [c.did for c in union]
         else:
             logger.info("%s absent: the global pool is the concatenation of the local pools", global_file)
             global_ids = list(candidates)
