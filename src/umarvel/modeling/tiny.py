@@ -134,20 +134,28 @@ def _qwen_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 # Images are capped at 16 merged visual tokens in the tiny Qwen processors: cheap but real.
-def _qwen_image_processor_kwargs(patch_size: int) -> dict[str, Any]:
+def _qwen_image_processor_kwargs(patch_size: int, max_visual_tokens: int = 16) -> dict[str, Any]:
     unit = patch_size * 2
     return {
         "patch_size": patch_size,
         "merge_size": 2,
         "temporal_patch_size": 2,
-        "size": {"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit},
+        "size": {"shortest_edge": 4 * unit * unit, "longest_edge": max_visual_tokens * unit * unit},
     }
 
 
 def _build_tiny_qwen(
-    names: tuple[str, str, str, str], vision_config: dict[str, Any], rope_extra: dict[str, Any] | None = None
+    names: tuple[str, str, str, str],
+    vision_config: dict[str, Any],
+    rope_extra: dict[str, Any] | None = None,
+    text_extra: dict[str, Any] | None = None,
+    max_visual_tokens: int = 16,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, Any]:
-    """A tiny Qwen-VL family member from transformers class names (config, model, processor, video)."""
+    """A Qwen-VL family member from transformers class names (config, model, processor, video).
+
+    Tiny by default; `text_extra` / `vision_config` can give it any shape. Weights are random.
+    """
     import transformers
     from transformers import Qwen2VLImageProcessor
 
@@ -156,24 +164,62 @@ def _build_tiny_qwen(
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], **(rope_extra or {})}
     common_vision = {"spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 2}
     config = config_class(
-        text_config=_text_config(tokenizer, rope_parameters=rope),
+        text_config=_text_config(tokenizer, rope_parameters=rope, **(text_extra or {})),
         vision_config={**common_vision, **vision_config},
         **_qwen_ids(tokenizer),
     )
-    kw = _qwen_image_processor_kwargs(vision_config["patch_size"])
+    kw = _qwen_image_processor_kwargs(vision_config["patch_size"], max_visual_tokens)
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**kw),
         video_processor=video_class(**kw),
         tokenizer=tokenizer,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    return model_class(config), processor
+    with torch.device(device):
+        model = model_class(config)
+    return model, processor
 
 
 def build_tiny_qwen2_vl() -> tuple[torch.nn.Module, Any]:
     return _build_tiny_qwen(
         ("Qwen2VLConfig", "Qwen2VLModel", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
         {"depth": 1, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "patch_size": 14},
+    )
+
+
+def build_random_qwen2_vl_2b(
+    device: str | torch.device = "cpu", layers: int = 28, max_visual_tokens: int = 300
+) -> tuple[torch.nn.Module, Any]:
+    """Qwen2-VL-2B's published shape with random weights and umarvel's small test tokenizer.
+
+    For throughput and FLOP benchmarks on machines that cannot download the real checkpoint: the
+    transformer, vision tower and attention are the real sizes (1.5B language-model parameters, a
+    675M-parameter ViT); only the vocabulary is small, which the embedder never projects onto.
+    `layers` shrinks the language model for smoke runs; images keep at most `max_visual_tokens` merged
+    tokens (300 matches umarvel's default `max_image_pixels`).
+    """
+    return _build_tiny_qwen(
+        ("Qwen2VLConfig", "Qwen2VLModel", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+        {
+            "depth": 32,
+            "embed_dim": 1280,
+            "hidden_size": 1536,
+            "mlp_ratio": 4,
+            "num_heads": 16,
+            "patch_size": 14,
+        },
+        rope_extra={"rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        text_extra={
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "max_position_embeddings": 32768,
+        },
+        max_visual_tokens=max_visual_tokens,
+        device=device,
     )
 
 
