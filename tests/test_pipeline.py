@@ -75,8 +75,17 @@ def test_the_shipped_pipeline_recipes_parse_and_wire_earlier_stages() -> None:
     for recipe in ("recipes/qwen2vl-7b/pipeline.yaml", "recipes/cpu/pipeline.yaml"):
         config = load_config(recipe, cls=PipelineConfig)
         names = [s.name for s in config.stages]
-        assert names[-2:] == ["mine", "04_hard_negatives"]
+        assert names[3:] == [
+            "mine",
+            "04_hard_negatives",
+            "mine_r1",
+            "R1",
+            "teacher",
+            "06_distill",
+            "mine_r2",
+            "R2",
+        ]
         for spec in config.stages:
-            for source in (spec.model_from, spec.negatives_from):
+            for source in (spec.model_from, spec.negatives_from, spec.reranker_from, spec.teacher_from):
                 assert source is None or names.index(source) < names.index(spec.name)
             assert spec.recipe is None or Path(spec.recipe).is_file()

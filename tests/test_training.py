@@ -178,13 +178,21 @@ def test_a_recipe_with_an_unknown_key_fails_before_any_work(tmp_path: Path) -> N
 def test_every_paper_recipe_validates_in_a_dry_run(tmp_path: Path) -> None:
     from umarvel.pipeline.train import dry_run
 
-    recipes = sorted(Path("recipes/qwen2vl-7b").glob("0*.yaml"))
-    assert len(recipes) == 4
+    recipes = [r for r in sorted(Path("recipes/qwen2vl-7b").glob("0*.yaml")) if "reranker" not in r.stem]
+    assert len(recipes) == 5
     for recipe in recipes:
         config = load_config(recipe)
         assert config.embedder.dtype == "bfloat16" and config.train.bf16
         summary = dry_run(config, tmp_path / recipe.stem)
         assert summary["steps"] == 2 and summary["model"].startswith("tiny:qwen2_vl")
+
+
+def test_the_reranker_recipes_parse_as_reranker_runs() -> None:
+    from umarvel.config.schema import RerankerRunConfig
+
+    for recipe in ("recipes/qwen2vl-7b/05_reranker.yaml", "recipes/cpu/05_reranker.yaml"):
+        config = load_config(recipe, cls=RerankerRunConfig)
+        assert config.reranker.dtype == "bfloat16" and config.data.train[0].kind == "mbeir"
 
 
 def test_a_frozen_vision_tower_stays_in_eval_mode_while_training(tmp_path: Path) -> None:

@@ -269,8 +269,18 @@ def eval_mbeir(
     tasks: Annotated[list[str] | None, typer.Option(help="rows to keep, e.g. mscoco_task0")] = None,
     factory: Annotated[str, typer.Option(help="FAISS factory string")] = "Flat",
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+    reranker: Annotated[
+        str | None, typer.Option(help="U-MARVEL+: re-rank each query's top K with this re-ranker")
+    ] = None,
+    rerank_top: Annotated[int, typer.Option(help="candidates re-ranked per query")] = 50,
+    fusion_weight: Annotated[
+        float | None,
+        typer.Option(help="w in cos + w * P(Yes); default: the re-ranker's tuned weight, else 0.1"),
+    ] = None,
 ) -> None:
-    """Embed queries once, search local and global pools, write UniIR run files and the results."""
+    """Embed queries once, search local and global pools, write UniIR run files and the results.
+
+    With --reranker, also re-rank (U-MARVEL+) into OUT/rerank/ and print both tables."""
     from umarvel.config.manifest import write_manifest
     from umarvel.evaluation.mbeir import evaluate_mbeir, render_table
     from umarvel.modeling.embedder import Embedder
@@ -298,6 +308,58 @@ def eval_mbeir(
         },
     )
     Console().print(render_table(scores))
+    if reranker is None:
+        return
+    del embedder
+    from umarvel.evaluation.rerank import rerank_runs
+
+    try:
+        ranker, weight = _load_reranker(reranker, config.dtype, fusion_weight)
+        rows = [s.row for s in scores.rows]
+        reranked = rerank_runs(
+            ranker,
+            root,
+            out / "runs",
+            out / "rerank",
+            rows,
+            split,
+            POOL_SETTINGS[pool],
+            rerank_top,
+            (weight,),
+        )[weight]
+    except (InputError, ConfigError, ValueError) as error:
+        _fail(error)
+    write_manifest(
+        out / "rerank",
+        "eval mbeir --reranker",
+        config,
+        inputs={"mbeir_root": root},
+        extra={
+            "reranker": reranker,
+            "rerank_top": rerank_top,
+            "fusion_weight": weight,
+            "split": split,
+            "average": {"local": reranked.average("local"), "global": reranked.average("global")},
+        },
+    )
+    Console().print(f"U-MARVEL+ (top {rerank_top} re-ranked, cos + {weight} * P(Yes)):")
+    Console().print(render_table(reranked))
+
+
+def _load_reranker(name: str, dtype: str, weight: float | None) -> tuple[Any, float]:
+    """The re-ranker and the fusion weight: the given one, else its tuned one, else the paper's 0.1."""
+    from umarvel.evaluation.rerank import DEFAULT_WEIGHT
+    from umarvel.modeling.reranker import Reranker
+
+    ranker = Reranker.from_pretrained(name, dtype=dtype)
+    if weight is None:
+        weight = ranker.fusion.get("weight")
+        if weight is None:
+            logging.getLogger(__name__).info(
+                "%s has no tuned fusion weight (umarvel tune-fusion); using %s", name, DEFAULT_WEIGHT
+            )
+            weight = DEFAULT_WEIGHT
+    return ranker, float(weight)
 
 
 @eval_app.command("runs")
@@ -392,6 +454,135 @@ def _run_suite(
     table.add_column("value")
     for key, value in result.items():
         table.add_row(key, str(value))
+    Console().print(table)
+
+
+@app.command("train-reranker")
+def train_reranker_command(
+    recipe: Annotated[Path, typer.Argument(help="re-ranker recipe (YAML)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Train the pointwise Yes/No re-ranker (resumes from its newest checkpoint when rerun)."""
+    from umarvel.config.schema import RerankerRunConfig
+    from umarvel.pipeline.rerank import train_reranker
+
+    try:
+        config = load_config(recipe, overrides or [], RerankerRunConfig)
+        model_dir = train_reranker(config)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    console.print(f"re-ranker {config.stage} done: {model_dir}")
+
+
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="the stage-B embedder (shortlists)")],
+    reranker: Annotated[str, typer.Option(help="the re-ranker (R1) that scores the shortlists")],
+    root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
+    out: Annotated[Path, typer.Option(help="output folder: teacher.jsonl, summary.json, parts/")],
+    queries: Annotated[
+        str, typer.Option(help="query file under root")
+    ] = "query/union_train/mbeir_union_up_train.jsonl",
+    pool: Annotated[
+        str, typer.Option(help="training pool under root; local pools are cut from it")
+    ] = "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
+    fraction: Annotated[float, typer.Option(help="share of each task's queries to score")] = 0.1,
+    top: Annotated[int, typer.Option(help="shortlist size K per query")] = 50,
+    alpha: Annotated[float, typer.Option(help="teacher = alpha * cos + (1 - alpha) * P(Yes)")] = 0.5,
+    alpha_task: Annotated[
+        list[str] | None, typer.Option(help="per-task alpha, TASK=ALPHA (e.g. 0=0.75); repeatable")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 42,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Score a stratified sample of training queries' shortlists with the re-ranker: the distillation
+    teacher (resumable)."""
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.modeling.reranker import Reranker
+    from umarvel.pipeline.rerank import parse_alphas, score_teacher
+
+    try:
+        config = _embedder_config(model, set_)
+        embedder = Embedder.from_config(config)
+        ranker = Reranker.from_pretrained(reranker, dtype=config.dtype)
+        path = score_teacher(
+            embedder,
+            ranker,
+            root,
+            out,
+            queries,
+            pool,
+            fraction,
+            top,
+            alpha,
+            parse_alphas(alpha_task or []),
+            seed,
+        )
+    except (InputError, ConfigError, ValueError) as error:
+        _fail(error)
+    console.print(f"wrote {path}")
+
+
+@app.command("tune-fusion")
+def tune_fusion_command(
+    model: Annotated[str, typer.Option(help="the retriever")],
+    reranker: Annotated[str, typer.Option(help="the re-ranker folder; the chosen weight is stored in it")],
+    root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
+    out: Annotated[Path, typer.Option(help="output folder (retrieval runs, re-ranked runs, fusion.json)")],
+    split: Annotated[str, typer.Option(help="a validation split (never test)")] = "val",
+    rerank_top: Annotated[int, typer.Option(help="candidates re-ranked per query")] = 50,
+    grid: Annotated[list[float] | None, typer.Option(help="weights to try; repeatable")] = None,
+    pool: Annotated[str, typer.Option(help="local | global | both")] = "both",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Pick the U-MARVEL+ fusion weight w (cos + w * P(Yes)) on a validation split and store it with
+    the re-ranker."""
+    from umarvel.config.manifest import write_manifest
+    from umarvel.evaluation.mbeir import evaluate_mbeir
+    from umarvel.evaluation.rerank import DEFAULT_GRID, tune_fusion
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.modeling.reranker import Reranker
+
+    if split == "test":
+        _fail(ConfigError("tune-fusion refuses the test split: tune on val, report on test"))
+    if pool not in POOL_SETTINGS:
+        _fail(ConfigError(f"--pool must be local, global or both, got {pool}"))
+    try:
+        config = _embedder_config(model, set_)
+        retrieval = evaluate_mbeir(
+            Embedder.from_config(config), root, out / "retrieval", split, POOL_SETTINGS[pool]
+        )
+        ranker = Reranker.from_pretrained(reranker, dtype=config.dtype)
+        rows = [s.row for s in retrieval.rows]
+        choice = tune_fusion(
+            ranker,
+            root,
+            out / "retrieval" / "runs",
+            out,
+            rows,
+            split,
+            POOL_SETTINGS[pool],
+            rerank_top,
+            tuple(grid) if grid else DEFAULT_GRID,
+        )
+    except (InputError, ConfigError, ValueError) as error:
+        _fail(error)
+    ranker.fusion = {**choice, "retriever": model}
+    ranker.write_settings(Path(reranker))
+    write_manifest(out, "tune-fusion", config, inputs={"mbeir_root": root}, extra={"fusion": ranker.fusion})
+    write_manifest(
+        Path(reranker),
+        "tune-fusion",
+        config,
+        inputs={"mbeir_root": root},
+        extra={"fusion": ranker.fusion},
+        filename="fusion_manifest.json",
+    )
+    table = Table(title=f"fusion weight on {split} (mean of local and global averages)")
+    table.add_column("w")
+    table.add_column("score")
+    for weight, value in choice["by_weight"].items():
+        table.add_row(weight + (" *" if float(weight) == choice["weight"] else ""), f"{value:.2f}")
     Console().print(table)
 
 

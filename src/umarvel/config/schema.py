@@ -13,6 +13,7 @@ InstructionChoice = Literal["hash", "first"]
 SourceKind = Literal["nli_csv", "sick", "stsb", "beir", "image_captions", "mbeir"]
 SplitName = Literal["train", "val", "test", "all"]
 TrainableModule = Literal["vision", "projector"]
+LossKind = Literal["infonce", "distill"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class DataSource:
     max_rows: keep the first n rows (after splitting); 0 keeps all.
     negatives: `mbeir` only: a `negatives.jsonl` written by `umarvel mine`, aligned line by line
         with the query file; its negatives become the rows' hard negatives (stage B).
+    teacher: `mbeir` only: a `teacher.jsonl` written by `umarvel score`; the rows become its queries,
+        each with its shortlist and teacher scores (stage C, re-ranker distillation).
     """
 
     kind: SourceKind
@@ -110,6 +113,7 @@ class DataSource:
     image_root: str | None = None
     max_rows: int = 0
     negatives: str | None = None
+    teacher: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,9 @@ class TrainConfig:
         batch in chunks of that size with GradCache (same gradients, activations of one chunk).
     Model: LoRA on the language model; trainable_modules are trained in full (the composed backbone's
         projector must be); everything else is frozen.
+    Distillation (loss `distill`, stage C): KL(teacher || student) over each query's shortlist of
+        `distill_top` candidates from a teacher file (method section 7.2); `distill_infonce_weight` > 0
+        adds InfoNCE with the labelled positive against the shortlist and the batch.
     """
 
     learning_rate: float = 2e-4
@@ -169,8 +176,13 @@ class TrainConfig:
     save_total_limit: int = 2
     dataloader_workers: int = 0
     deepspeed: str | None = None
+    loss: LossKind = "infonce"
+    distill_top: int = 50
+    distill_infonce_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.distill_top < 1 or self.distill_infonce_weight < 0:
+            raise ValueError("distill_top must be at least 1 and distill_infonce_weight not negative")
         if self.per_device_batch_size < 1:
             raise ValueError("per_device_batch_size must be at least 1")
         if self.gradcache_chunk_size < 0 or self.hard_negatives < 0:
@@ -188,3 +200,42 @@ class RunConfig:
     stage: str = "train"
     seed: int = 42
     output_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    """The pointwise generative re-ranker (method section 6): causal attention, a chat prompt with the
+    query then the candidate, and P(Yes) from the Yes/No logits at the first answer position.
+
+    model: `offline`, `tiny:<family>`, a hub id, or a re-ranker folder.
+    max_text_tokens: the query text and the candidate text are each cut to this many tokens (256).
+    max_image_pixels: images are downscaled to at most this many pixels.
+    batch_size: pairs per forward pass when scoring.
+    """
+
+    model: str = "offline"
+    dtype: DType = "float32"
+    attn_implementation: AttentionKernel = "sdpa"
+    visual_tokens: int = 16
+    max_text_tokens: int = 256
+    max_image_pixels: int = 300 * 28 * 28
+    format_text: bool = True
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("visual_tokens", "max_text_tokens", "max_image_pixels", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RerankerRunConfig:
+    """A re-ranker training recipe: `data.train` are `mbeir` sources with mined negatives (one positive
+    and one negative per query and epoch), trained with next-token cross-entropy on the answer."""
+
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: str = "rerank"
+    seed: int = 42
+    output_dir: str = "runs/reranker"

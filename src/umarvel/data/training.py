@@ -39,6 +39,8 @@ class TrainRow:
     query: Query
     positives: tuple[Candidate, ...]
     negatives: tuple[Candidate, ...] = ()
+    shortlist: tuple[Candidate, ...] = ()  # stage C: the candidates the teacher scored
+    teacher: tuple[float, ...] = ()  # stage C: their fused teacher scores
 
 
 def _from_groups(groups: Sequence[TrainGroup]) -> list[TrainRow]:
@@ -89,6 +91,8 @@ def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
     instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv")
     queries = read_queries(root / source.queries, instructions, image_root=root)
     pool = {c.did: c for c in read_pool(root / source.pool, image_root=root)}
+    if source.teacher:
+        return _teacher_rows(Path(source.teacher), queries, pool)
     mined = _mined_negatives(Path(source.negatives), queries) if source.negatives else None
     dids, filled = list(pool), 0
     rows = []
@@ -115,6 +119,38 @@ def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
     return rows
 
 
+def _teacher_rows(path: Path, queries: Sequence[Query], pool: dict[str, Candidate]) -> list[TrainRow]:
+    """One row per line of a `teacher.jsonl` (umarvel score): the query, its positives, and the scored
+    shortlist with its fused teacher scores."""
+    from umarvel.data.io import read_jsonl
+
+    by_qid = {}
+    for query in queries:
+        by_qid.setdefault(query.qid, query)
+    rows = []
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        query = by_qid.get(str(record.get("qid")))
+        if query is None:
+            raise InputError(where, f"qid {record.get('qid')!r} is not in the query file")
+        candidates, scores = record.get("candidates", []), record.get("teacher", [])
+        if not candidates or len(candidates) != len(scores):
+            raise InputError(where, "needs equally long, non-empty 'candidates' and 'teacher' lists")
+        missing = [d for d in candidates if d not in pool]
+        if missing:
+            raise InputError(where, f"candidate {missing[0]} is not in the pool")
+        positives = tuple(pool[d] for d in query.positives if d in pool)
+        rows.append(
+            TrainRow(
+                query,
+                positives,
+                shortlist=tuple(pool[d] for d in candidates),
+                teacher=tuple(float(s) for s in scores),
+            )
+        )
+    return rows
+
+
 def _mined_negatives(path: Path, queries: Sequence[Query]) -> list[list[str]]:
     """Negatives per query from a `negatives.jsonl` aligned line by line with the query file."""
     from umarvel.data.io import read_jsonl
@@ -134,7 +170,7 @@ def _mined_negatives(path: Path, queries: Sequence[Query]) -> list[list[str]]:
     return mined
 
 
-def _encode_item(record: Query | Candidate, max_pixels: int, with_instruction: bool) -> EncodeItem:
+def encode_item(record: Query | Candidate, max_pixels: int, with_instruction: bool) -> EncodeItem:
     image = load_image(record.image, max_pixels, where=record.source) if record.image is not None else None
     instruction = record.instruction if with_instruction and isinstance(record, Query) else None
     return EncodeItem(text=record.text, image=image, instruction=instruction, where=record.source)
@@ -148,6 +184,9 @@ class TrainingSet(Dataset):
         seed: the run's seed; with the epoch and row index it fixes every random choice.
         hard_negatives: k negatives per query, the top k of the row's ranked negatives.
         max_image_pixels: images are downscaled to this budget when loaded.
+        distill_top: stage C: each item carries the row's first `distill_top` shortlist candidates and
+            teacher scores (a shorter shortlist is padded and marked invalid); 0 for stages A and B.
+        with_positive: stage C: also carry a positive (for the optional InfoNCE term).
     """
 
     def __init__(
@@ -156,12 +195,24 @@ class TrainingSet(Dataset):
         seed: int,
         hard_negatives: int = 0,
         max_image_pixels: int = 300 * 28 * 28,
+        distill_top: int = 0,
+        with_positive: bool = True,
     ) -> None:
         self.rows = list(rows)
         self.seed = seed
         self.hard_negatives = hard_negatives
         self.max_image_pixels = max_image_pixels
+        self.distill_top = distill_top
+        self.with_positive = with_positive
         self.epoch = 0
+        if distill_top:
+            bare = [r.query.source for r in self.rows if not r.shortlist]
+            if bare:
+                raise InputError(bare[0], "row has no teacher shortlist (data source needs `teacher`)")
+        if with_positive:
+            lonely = [r.query.source for r in self.rows if not r.positives]
+            if lonely:
+                raise InputError(lonely[0], "row has no positive in the pool")
         if hard_negatives:
             short = [r.query.source for r in self.rows if not r.negatives]
             if short:
@@ -175,12 +226,25 @@ class TrainingSet(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        positive = pick_positive(row.positives, self.seed, self.epoch, index)
+        pixels = self.max_image_pixels
         negatives = pick_negatives(row.negatives, self.hard_negatives, self.seed, self.epoch, index)
-        return {
-            "query": _encode_item(row.query, self.max_image_pixels, with_instruction=True),
-            "positive": _encode_item(positive, self.max_image_pixels, with_instruction=False),
-            "negatives": [_encode_item(n, self.max_image_pixels, with_instruction=False) for n in negatives],
-            "positive_id": stable_id(positive.did),
+        item: dict[str, Any] = {
+            "query": encode_item(row.query, pixels, with_instruction=True),
+            "positive": None,
+            "negatives": [encode_item(n, pixels, with_instruction=False) for n in negatives],
             "negative_ids": [stable_id(n.did) for n in negatives],
         }
+        if self.with_positive:
+            positive = pick_positive(row.positives, self.seed, self.epoch, index)
+            item["positive"] = encode_item(positive, pixels, with_instruction=False)
+            item["positive_id"] = stable_id(positive.did)
+        if self.distill_top:
+            kept = list(range(min(self.distill_top, len(row.shortlist))))
+            padded = kept + [kept[-1]] * (self.distill_top - len(kept))
+            item["shortlist"] = [
+                encode_item(row.shortlist[i], pixels, with_instruction=False) for i in padded
+            ]
+            item["shortlist_ids"] = [stable_id(row.shortlist[i].did) for i in padded]
+            item["teacher"] = [row.teacher[i] for i in padded]
+            item["shortlist_valid"] = [n < len(kept) for n in range(self.distill_top)]
+        return item

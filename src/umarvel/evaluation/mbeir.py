@@ -46,9 +46,14 @@ def write_run(
 
 def read_run(path: Path) -> dict[str, list[str]]:
     """qid -> dids in rank order; a malformed line or a did listed twice for one query is an error."""
+    return {qid: [did for did, _ in ranked] for qid, ranked in read_scored_run(path).items()}
+
+
+def read_scored_run(path: Path) -> dict[str, list[tuple[str, float]]]:
+    """qid -> [(did, score)] in rank order, checked like `read_run`."""
     if not path.is_file():
         raise InputError(path, "run file not found")
-    ranked: dict[str, list[tuple[int, str]]] = {}
+    ranked: dict[str, list[tuple[int, str, float]]] = {}
     seen: set[tuple[str, str]] = set()
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -59,14 +64,16 @@ def read_run(path: Path) -> dict[str, list[str]]:
                 raise InputError(f"{path}:{number}", "expected 'qid Q0 did rank score run_id [task_id]'")
             qid, did = parts[0], parts[2]
             try:
-                rank = int(parts[3])
+                rank, score = int(parts[3]), float(parts[4])
             except ValueError:
-                raise InputError(f"{path}:{number}", f"rank {parts[3]!r} is not an integer") from None
+                raise InputError(
+                    f"{path}:{number}", f"rank {parts[3]!r} or score {parts[4]!r} is not a number"
+                ) from None
             if (qid, did) in seen:
                 raise InputError(f"{path}:{number}", f"did {did} appears twice in the ranking of {qid}")
             seen.add((qid, did))
-            ranked.setdefault(qid, []).append((rank, did))
-    return {qid: [did for _, did in sorted(items)] for qid, items in ranked.items()}
+            ranked.setdefault(qid, []).append((rank, did, score))
+    return {qid: [(did, score) for _, did, score in sorted(items)] for qid, items in ranked.items()}
 
 
 @dataclass

@@ -30,19 +30,27 @@ STAGE_FILE = "stage.json"
 class StageSpec:
     """One stage.
 
-    kind: `train` (a stage recipe, with `model_from` / `negatives_from` wiring) or `mine`.
-    recipe / overrides: the stage recipe and its `key=value` overrides (train).
-    model_from: the stage whose merged model this stage starts from (its manifest names it).
-    negatives_from: train only: the `mine` stage whose negatives.jsonl feeds the first data source.
-    root, queries, pool, k, max_score, margin, shortlist, selection: mine settings.
+    kind: `train` (an embedder stage recipe), `mine`, `train_reranker` (a re-ranker recipe), or `score`
+        (the distillation teacher from an embedder and a re-ranker).
+    recipe / overrides: the stage recipe and its `key=value` overrides (train, train_reranker).
+    model_from: the stage whose merged embedder this stage starts from (train) or uses (mine, score).
+    negatives_from: train / train_reranker: the `mine` stage whose negatives.jsonl feeds the first
+        data source.
+    reranker_from: score: the `train_reranker` stage whose re-ranker scores the shortlists.
+    teacher_from: train: the `score` stage whose teacher.jsonl feeds the first data source (stage C).
+    root, queries, pool, k, max_score, margin, shortlist, selection, rank_end: mine settings (root,
+        queries and pool also for score).
+    fraction, top, alpha: score settings.
     """
 
     name: str
-    kind: Literal["train", "mine"]
+    kind: Literal["train", "mine", "train_reranker", "score"]
     recipe: str | None = None
     overrides: tuple[str, ...] = ()
     model_from: str | None = None
     negatives_from: str | None = None
+    reranker_from: str | None = None
+    teacher_from: str | None = None
     root: str | None = None
     queries: str = "query/union_train/mbeir_union_up_train.jsonl"
     pool: str = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
@@ -51,6 +59,10 @@ class StageSpec:
     margin: float | None = None
     shortlist: int = 100
     selection: Literal["top", "sample"] = "top"
+    rank_end: int = 100
+    fraction: float = 0.1
+    top: int = 50
+    alpha: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,13 @@ def run_pipeline(
     for spec in config.stages[first : last + 1]:
         stage_dir = root / spec.name
         inputs = {}
-        for role, source in (("model", spec.model_from), ("negatives", spec.negatives_from)):
+        wiring = (
+            ("model", spec.model_from),
+            ("negatives", spec.negatives_from),
+            ("reranker", spec.reranker_from),
+            ("teacher", spec.teacher_from),
+        )
+        for role, source in wiring:
             if source is not None:
                 if source not in names[: names.index(spec.name)]:
                     raise ConfigError(f"stage {spec.name}: {role}_from {source!r} is not an earlier stage")
@@ -112,42 +130,78 @@ def run_pipeline(
     return status
 
 
+def _with_first_source(config: Any, stage: str, **fields: str) -> Any:
+    """`config` with `fields` set on its first data.train source (negatives or teacher wiring)."""
+    if not config.data.train:
+        raise ConfigError(f"stage {stage}: wiring {sorted(fields)} needs a data.train source")
+    first = dataclasses.replace(config.data.train[0], **fields)
+    return dataclasses.replace(
+        config, data=dataclasses.replace(config.data, train=(first, *config.data.train[1:]))
+    )
+
+
 def _run_stage(
     spec: StageSpec, stage_dir: Path, inputs: dict[str, Any], seed: int, progress: bool
 ) -> dict[str, Any]:
+    overrides = [*spec.overrides, f"output_dir={stage_dir}", f"seed={seed}", f"stage={spec.name}"]
     if spec.kind == "train":
         from umarvel.pipeline.train import train_stage
 
-        overrides = [*spec.overrides, f"output_dir={stage_dir}", f"seed={seed}", f"stage={spec.name}"]
         if "model" in inputs:
             overrides.append(f"embedder.model={inputs['model']['model']}")
         config = load_config(spec.recipe, overrides)
         if "negatives" in inputs:
-            if not config.data.train:
-                raise ConfigError(f"stage {spec.name}: negatives_from needs a data.train source")
-            first = dataclasses.replace(config.data.train[0], negatives=inputs["negatives"]["negatives"])
-            config = dataclasses.replace(
-                config, data=dataclasses.replace(config.data, train=(first, *config.data.train[1:]))
-            )
+            config = _with_first_source(config, spec.name, negatives=inputs["negatives"]["negatives"])
+        if "teacher" in inputs:
+            config = _with_first_source(config, spec.name, teacher=inputs["teacher"]["teacher"])
         model_dir = train_stage(config, progress=progress)
         return {"model": str(model_dir), "weights": fingerprint(model_dir / "model.safetensors")["sha256"]}
-    from umarvel.mining.filters import NegativeRules
-    from umarvel.mining.mine import mine_negatives
+    if spec.kind == "train_reranker":
+        from umarvel.config.schema import RerankerRunConfig
+        from umarvel.pipeline.rerank import train_reranker
+
+        config = load_config(spec.recipe, overrides, RerankerRunConfig)
+        if "negatives" in inputs:
+            config = _with_first_source(config, spec.name, negatives=inputs["negatives"]["negatives"])
+        model_dir = train_reranker(config, progress=progress)
+        return {"reranker": str(model_dir), "weights": fingerprint(model_dir / "model.safetensors")["sha256"]}
     from umarvel.modeling.embedder import Embedder
 
     if "model" not in inputs or spec.root is None:
-        raise ConfigError(f"mine stage {spec.name} needs model_from and root")
+        raise ConfigError(f"{spec.kind} stage {spec.name} needs model_from and root")
+    embedder = Embedder.from_pretrained(inputs["model"]["model"])
+    if spec.kind == "score":
+        from umarvel.modeling.reranker import Reranker
+        from umarvel.pipeline.rerank import score_teacher
+
+        if "reranker" not in inputs:
+            raise ConfigError(f"score stage {spec.name} needs reranker_from")
+        path = score_teacher(
+            embedder,
+            Reranker.from_pretrained(inputs["reranker"]["reranker"], dtype=embedder.settings.dtype),
+            spec.root,
+            stage_dir,
+            spec.queries,
+            spec.pool,
+            spec.fraction,
+            spec.top,
+            spec.alpha,
+            seed=seed,
+            progress=progress,
+        )
+        return {"teacher": str(path), "sha256": fingerprint(path)["sha256"]}
+    from umarvel.mining.filters import NegativeRules
+    from umarvel.mining.mine import mine_negatives
+
     rules = NegativeRules(
-        k=spec.k, max_score=spec.max_score, margin=spec.margin, selection=spec.selection, seed=seed
+        k=spec.k,
+        max_score=spec.max_score,
+        margin=spec.margin,
+        selection=spec.selection,
+        rank_end=spec.rank_end,
+        seed=seed,
     )
     path = mine_negatives(
-        Embedder.from_pretrained(inputs["model"]["model"]),
-        spec.root,
-        spec.queries,
-        spec.pool,
-        stage_dir,
-        rules,
-        spec.shortlist,
-        progress=progress,
+        embedder, spec.root, spec.queries, spec.pool, stage_dir, rules, spec.shortlist, progress=progress
     )
     return {"negatives": str(path), "sha256": fingerprint(path)["sha256"]}

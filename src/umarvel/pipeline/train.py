@@ -37,11 +37,14 @@ def build_trainer(config: RunConfig, output_dir: Path) -> Any:
         raise ValueError("the recipe has no data.train sources")
     embedder = Embedder.from_config(config.embedder)
     rows = [row for source in config.data.train for row in load_rows(source)]
+    distill = config.train.loss == "distill"
     dataset = TrainingSet(
         rows,
         seed=config.seed,
         hard_negatives=config.train.hard_negatives,
         max_image_pixels=config.embedder.max_image_pixels,
+        distill_top=config.train.distill_top if distill else 0,
+        with_positive=not distill or config.train.distill_infonce_weight > 0,
     )
     prepare_for_training(embedder, config.train.lora, config.train.trainable_modules, seed=config.seed)
     return EmbedderTrainer(
@@ -76,21 +79,7 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
     elif eval_rows:
         before_file = output_dir / "metrics_before.json"
         metrics["before"] = json.loads(before_file.read_text()) if before_file.is_file() else None
-    started = time.perf_counter()
-    if resume and _finished(Path(resume)):
-        # Trainer would take one more step when resumed from its final checkpoint; load it instead.
-        from transformers import TrainerState
-
-        logger.info("training already finished at %s; loading it", resume)
-        trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
-        metrics["train_loss"] = None
-    else:
-        if resume:
-            logger.info("resuming from %s", resume)
-        metrics["train_loss"] = trainer.train(resume_from_checkpoint=resume).training_loss
-    metrics["train_seconds_this_run"] = round(time.perf_counter() - started, 1)
-    metrics["steps"] = trainer.state.global_step
+    metrics.update(train_or_resume(trainer, resume))
     if config.train.lora.enabled and config.train.merge_lora:
         merge_adapters(embedder)
     embedder.eval()
@@ -112,6 +101,28 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
     )
     write_manifest(model_dir, "train", config, inputs=inputs, extra={"stage": config.stage})
     return model_dir
+
+
+def train_or_resume(trainer: Any, resume: str | None) -> dict[str, Any]:
+    """Train from scratch or from `resume`; a finished checkpoint is loaded, not trained again (Trainer
+    would take one more step). Returns train_loss, train_seconds_this_run and steps."""
+    started = time.perf_counter()
+    if resume and _finished(Path(resume)):
+        from transformers import TrainerState
+
+        logger.info("training already finished at %s; loading it", resume)
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        loss = None
+    else:
+        if resume:
+            logger.info("resuming from %s", resume)
+        loss = trainer.train(resume_from_checkpoint=resume).training_loss
+    return {
+        "train_loss": loss,
+        "train_seconds_this_run": round(time.perf_counter() - started, 1),
+        "steps": trainer.state.global_step,
+    }
 
 
 def _finished(checkpoint: Path) -> bool:
@@ -164,7 +175,7 @@ def _family_of(model: str, fallback: str) -> str:
     return fallback
 
 
-def _stand_in(source: DataSource, folder: Path) -> DataSource:
+def _stand_in(source: DataSource, folder: Path, distill: bool = False) -> DataSource:
     """A tiny file of the same kind, for a dry run where the real data is not on this machine."""
     from PIL import Image
 
@@ -220,12 +231,19 @@ def _stand_in(source: DataSource, folder: Path) -> DataSource:
             negatives = [d for d in pool if d not in query["pos_cand_list"]][:8]
             mined.append(json.dumps({"qid": query["qid"], "negatives": negatives}))
         (folder / "negatives.jsonl").write_text("\n".join(mined) + "\n")
+        # A teacher for a distillation stage: the first pool candidates, scored by rank.
+        teacher = [
+            json.dumps({"qid": q["qid"], "candidates": pool[:8], "teacher": [1.0 - i / 8 for i in range(8)]})
+            for q in (json.loads(line) for line in (path / DataSource.queries).read_text().splitlines())
+        ]
+        (folder / "teacher.jsonl").write_text("\n".join(dict.fromkeys(teacher)) + "\n")
         return dataclasses.replace(
             source,
             path=str(path),
             pool=DataSource.pool,
             queries=DataSource.queries,
             negatives=str(folder / "negatives.jsonl"),
+            teacher=str(folder / "teacher.jsonl") if source.teacher or distill else None,
         )
     return dataclasses.replace(source, path=str(path))
 
@@ -245,7 +263,9 @@ def dry_run(config: RunConfig, output_dir: str | Path, family: str = "qwen2_vl")
         sources.append(
             dataclasses.replace(source, max_rows=16)
             if present
-            else _stand_in(source, output_dir / "stand_ins" / f"{i}_{source.kind}")
+            else _stand_in(
+                source, output_dir / "stand_ins" / f"{i}_{source.kind}", config.train.loss == "distill"
+            )
         )
     model = f"tiny:{_family_of(config.embedder.model, family)}"
     small = dataclasses.replace(

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
 from umarvel.config.schema import LoraSettings, TrainableModule
-from umarvel.modeling.embedder import Embedder
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_for_training(
-    embedder: Embedder, lora: LoraSettings, trainable_modules: tuple[TrainableModule, ...], seed: int = 0
+    embedder: Any, lora: LoraSettings, trainable_modules: tuple[TrainableModule, ...], seed: int = 0
 ) -> None:
     """Freeze the backbone, then open LoRA adapters (or the whole language model when LoRA is off),
     the modules named in `trainable_modules`, and the temperature when it is learnable.
+
+    `embedder` is an `Embedder` or a `Reranker` (anything with `.backbone` and `.model`).
 
     The adapters are initialised from `seed`, so a run and its resumption start from the same weights.
     """
@@ -43,13 +45,14 @@ def prepare_for_training(
     for role in trainable_modules:
         for parameter in backbone.submodule(role).parameters():
             parameter.requires_grad = True
-    embedder.log_temperature.requires_grad = embedder.settings.learnable_temperature
+    if hasattr(embedder, "log_temperature"):
+        embedder.log_temperature.requires_grad = embedder.settings.learnable_temperature
     trainable = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
     total = sum(p.numel() for p in embedder.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
 
-def merge_adapters(embedder: Embedder) -> None:
+def merge_adapters(embedder: Any) -> None:
     """Fold LoRA weights into the base weights and drop the PEFT wrapper (no-op without LoRA)."""
     backbone = embedder.backbone
     if hasattr(backbone.model, "merge_and_unload"):

@@ -20,12 +20,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from umarvel.config.schema import TrainConfig
 from umarvel.data.collator import Collator, EncodedBatch
 from umarvel.losses.contrastive import info_nce
+from umarvel.losses.distillation import distillation_kl
 from umarvel.losses.distributed import world_size
 from umarvel.modeling.embedder import Embedder
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
+SIDES = ("queries", "positives", "negatives", "shortlist")
 
 
 def _to_dict(batch: EncodedBatch) -> dict[str, Any]:
@@ -52,15 +54,21 @@ class ContrastiveCollator:
         return [_to_dict(self.collator(items[i : i + size])) for i in range(0, len(items), size)]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = {
-            "queries": self._chunks([e["query"] for e in examples]),
-            "positives": self._chunks([e["positive"] for e in examples]),
-            "positive_ids": torch.tensor([e["positive_id"] for e in examples], dtype=torch.long),
-        }
+        batch: dict[str, Any] = {"queries": self._chunks([e["query"] for e in examples])}
+        if examples[0].get("positive") is not None:
+            batch["positives"] = self._chunks([e["positive"] for e in examples])
+            batch["positive_ids"] = torch.tensor([e["positive_id"] for e in examples], dtype=torch.long)
         negatives = [n for e in examples for n in e["negatives"]]
         if negatives:
             batch["negatives"] = self._chunks(negatives)
             batch["negative_ids"] = torch.tensor([e["negative_ids"] for e in examples], dtype=torch.long)
+        if "shortlist" in examples[0]:
+            batch["shortlist"] = self._chunks([c for e in examples for c in e["shortlist"]])
+            batch["shortlist_ids"] = torch.tensor([e["shortlist_ids"] for e in examples], dtype=torch.long)
+            batch["teacher"] = torch.tensor([e["teacher"] for e in examples], dtype=torch.float32)
+            batch["shortlist_valid"] = torch.tensor(
+                [e["shortlist_valid"] for e in examples], dtype=torch.bool
+            )
         return batch
 
 
@@ -93,7 +101,49 @@ class _RngState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-class EmbedderTrainer(Trainer):
+class LoggedParts:
+    """Trainer mixin: values appended to `self._parts[name]` between logging steps are logged as their
+    mean (loss parts as `loss/<part>`)."""
+
+    _parts: dict[str, list[float]]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for name, values in self._parts.items():
+                logs[name] = round(sum(values) / max(1, len(values)), 5)
+            self._parts.clear()
+        super().log(logs, start_time)  # type: ignore[misc]
+
+
+class TrainableCheckpoints:
+    """Trainer mixin: checkpoints hold only what the stage trains (adapters, open modules, the
+    temperature); resuming checks that the saved names are exactly the trainable ones."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        directory = Path(output_dir or self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        trainable = {
+            n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad
+        }
+        save_file(trainable, directory / TRAINABLE_FILE)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        saved = load_file(Path(resume_from_checkpoint) / TRAINABLE_FILE)
+        expected = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if set(saved) != expected:
+            missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} does not match this stage's trainable "
+                f"parameters (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+        unwrapped.load_state_dict(saved, strict=False)
+
+
+class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
     """`Trainer` for an `Embedder`: InfoNCE parts, their logging, the temperature's learning rate,
     trainable-only checkpoints, and GradCache when `gradcache_chunk_size` > 0."""
 
@@ -111,26 +161,24 @@ class EmbedderTrainer(Trainer):
         return self.accelerator.unwrap_model(model)
 
     def _loss(
-        self,
-        model: torch.nn.Module,
-        queries: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor | None,
-        inputs: dict[str, Any],
+        self, model: torch.nn.Module, embedded: dict[str, torch.Tensor], inputs: dict[str, Any]
     ) -> torch.Tensor:
         config = self.train_config
+        if config.loss == "distill":
+            return self._distill_loss(model, embedded, inputs)
         gather = config.gather_across_devices and world_size() > 1
         scale = float(world_size()) if gather else 1.0
         # Every rank computes the loss of the global batch; DDP averages gradients over ranks, so the
         # embeddings' path is scaled by the world size, and the temperature (shared, identical on every
         # rank) has that scale undone.
         temperature = _scale_gradient(self._embedder(model).temperature, 1.0 / scale)
+        queries, negatives = embedded["queries"], embedded.get("negatives")
         if negatives is not None:
             negatives = negatives.view(queries.shape[0], config.hard_negatives, -1)  # (N, k, D)
         masking = config.mask_false_negatives
         parts = info_nce(
             queries,
-            positives,
+            embedded["positives"],
             temperature,
             negatives=negatives,
             positive_ids=inputs["positive_ids"] if masking else None,
@@ -138,9 +186,38 @@ class EmbedderTrainer(Trainer):
             symmetric=config.symmetric,
             gather=gather,
         )
+        return self._record(parts) * scale
+
+    def _record(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         for name, value in parts.items():
-            self._parts[name].append(float(value.detach()))
-        return sum(parts.values()) * scale
+            self._parts[f"loss/{name}"].append(float(value.detach()))
+        return sum(parts.values())  # type: ignore[return-value]
+
+    def _distill_loss(
+        self, model: torch.nn.Module, embedded: dict[str, torch.Tensor], inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Stage C: KL(teacher || student) over each query's shortlist, on the local batch (method 7.2),
+        plus an optional weighted InfoNCE with the labelled positive against the shortlist."""
+        config = self.train_config
+        temperature = self._embedder(model).temperature
+        queries = embedded["queries"]
+        shortlist = embedded["shortlist"].view(queries.shape[0], -1, queries.shape[1])  # (N, K, D)
+        parts = {
+            "distill_kl": distillation_kl(
+                queries, shortlist, inputs["teacher"], temperature, inputs["shortlist_valid"]
+            )
+        }
+        if config.distill_infonce_weight > 0:
+            nce = info_nce(
+                queries,
+                embedded["positives"],
+                temperature,
+                negatives=shortlist,
+                positive_ids=inputs["positive_ids"],
+                negative_ids=inputs["shortlist_ids"],
+            )["query_to_candidate"]
+            parts["infonce"] = config.distill_infonce_weight * nce
+        return self._record(parts)
 
     @staticmethod
     def _embed(model: torch.nn.Module, chunks: list[dict[str, Any]] | None) -> torch.Tensor | None:
@@ -155,10 +232,8 @@ class EmbedderTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
-        queries = self._embed(model, inputs["queries"])
-        positives = self._embed(model, inputs["positives"])
-        negatives = self._embed(model, inputs.get("negatives"))
-        loss = self._loss(model, queries, positives, negatives, inputs)
+        embedded = {side: self._embed(model, inputs[side]) for side in SIDES if side in inputs}
+        loss = self._loss(model, embedded, inputs)  # type: ignore[arg-type]
         return (loss, None) if return_outputs else loss
 
     def training_step(
@@ -174,7 +249,7 @@ class EmbedderTrainer(Trainer):
         gradient. Random states are replayed so dropout masks match between the two passes."""
         model.train()
         inputs = self._prepare_inputs(inputs)
-        sides = [name for name in ("queries", "positives", "negatives") if name in inputs]
+        sides = [name for name in SIDES if name in inputs]
         states: dict[str, list[_RngState]] = {}
         cached: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -185,16 +260,8 @@ class EmbedderTrainer(Trainer):
                     cached[side].append(model(_to_batch(chunk)))
         leaves = {side: [c.detach().requires_grad_() for c in cached[side]] for side in sides}
         with self.compute_loss_context_manager():
-            loss = (
-                self._loss(
-                    model,
-                    torch.cat(leaves["queries"]),
-                    torch.cat(leaves["positives"]),
-                    torch.cat(leaves["negatives"]) if "negatives" in leaves else None,
-                    inputs,
-                )
-                / self.current_gradient_accumulation_steps
-            )
+            embedded = {side: torch.cat(leaves[side]) for side in sides}
+            loss = self._loss(model, embedded, inputs) / self.current_gradient_accumulation_steps
         # Gradients reach the cached embeddings and the temperature, never the backbone, here.
         loss.backward()
         chunks = [(side, i) for side in sides for i in range(len(inputs[side]))]
@@ -232,35 +299,8 @@ class EmbedderTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            for name, values in self._parts.items():
-                logs[f"loss/{name}"] = round(sum(values) / max(1, len(values)), 5)
             logs["temperature"] = round(float(self._embedder(self.model).temperature.detach()), 5)
-            self._parts.clear()
         super().log(logs, start_time)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoints hold only what this stage trains (adapters, open modules, the temperature)."""
-        directory = Path(output_dir or self.args.output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        embedder = self._embedder(self.model)
-        trainable = {
-            n: p.detach().cpu().contiguous() for n, p in embedder.named_parameters() if p.requires_grad
-        }
-        save_file(trainable, directory / TRAINABLE_FILE)
-
-    def _load_from_checkpoint(
-        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
-    ) -> None:
-        embedder = self._embedder(self.model if model is None else model)
-        saved = load_file(Path(resume_from_checkpoint) / TRAINABLE_FILE)
-        expected = {n for n, p in embedder.named_parameters() if p.requires_grad}
-        if set(saved) != expected:
-            missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
-            raise ValueError(
-                f"checkpoint {resume_from_checkpoint} does not match this stage's trainable "
-                f"parameters (missing {missing[:3]}, unexpected {extra[:3]})"
-            )
-        embedder.load_state_dict(saved, strict=False)
 
 
 def training_arguments(config: TrainConfig, output_dir: Path, seed: int) -> TrainingArguments:

@@ -1,0 +1,212 @@
+"""U-MARVEL+: re-rank the retriever's top K with the re-ranker, final score cos + w * P(Yes) (method 6.3).
+
+`rerank_runs` reads the retriever's TREC run files, scores each query's top K pairs with the re-ranker
+(P(Yes) cached per (qid, did) in an append-only file, so a killed run resumes and a second weight costs
+nothing), and writes re-ranked run files. `tune_fusion` picks w on a validation split from a grid by the
+mean of the local and global averages; the test split is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umarvel.data.io import InputError, atomic_write, write_json
+from umarvel.data.mbeir import MBeir, Row
+from umarvel.data.records import Candidate, Query
+from umarvel.data.training import encode_item
+from umarvel.evaluation.mbeir import (
+    PoolSetting,
+    Scores,
+    read_scored_run,
+    render_table,
+    run_file_name,
+    score_runs,
+    write_results,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHT = 0.1  # the paper's shipped U-MARVEL+ weight (method 6.3)
+DEFAULT_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+
+class PairScoreCache:
+    """P(Yes) per (qid, did), kept in an append-only JSONL file; a torn last line is ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.scores: dict[tuple[str, str], float] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.scores[(record["qid"], record["did"])] = float(record["p_yes"])
+
+    def add(self, keys: Sequence[tuple[str, str]], values: np.ndarray) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for (qid, did), value in zip(keys, values, strict=True):
+                self.scores[(qid, did)] = float(value)
+                handle.write(json.dumps({"qid": qid, "did": did, "p_yes": round(float(value), 6)}) + "\n")
+
+
+def score_pairs(
+    reranker: Any,
+    wanted: Sequence[tuple[str, str]],
+    queries: dict[str, Query],
+    candidates: dict[str, Candidate],
+    cache: PairScoreCache,
+    progress: bool = True,
+    chunk: int = 128,
+) -> None:
+    """Fill `cache` with P(Yes) for every (qid, did) in `wanted` it lacks, chunk by chunk."""
+    from umarvel.modeling.reranker import RerankPair
+
+    missing = list(dict.fromkeys(key for key in wanted if key not in cache.scores))
+    if not missing:
+        return
+    pixels = reranker.settings.max_image_pixels
+    logger.info("re-ranker: %d pairs to score (%d cached)", len(missing), len(wanted) - len(missing))
+    starts = range(0, len(missing), chunk)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description="re-ranking")  # type: ignore[assignment]
+    for start in starts:
+        keys = missing[start : start + chunk]
+        pairs = [
+            RerankPair(
+                encode_item(queries[qid], pixels, with_instruction=True),
+                encode_item(candidates[did], pixels, with_instruction=False),
+            )
+            for qid, did in keys
+        ]
+        cache.add(keys, reranker.score(pairs))
+
+
+def fuse(
+    ranked: Sequence[tuple[str, float]], p_yes: dict[str, float], weight: float, top: int
+) -> list[tuple[str, float]]:
+    """The top `top` re-sorted by cos + weight * P(Yes) (stable), followed by the rest unchanged."""
+    head = [(did, score + weight * p_yes[did]) for did, score in ranked[:top]]
+    order = sorted(range(len(head)), key=lambda i: -head[i][1])
+    return [head[i] for i in order] + list(ranked[top:])
+
+
+def _write_fused(path: Path, row: Row, runs: dict[str, list[tuple[str, float]]], run_id: str) -> None:
+    with atomic_write(path) as handle:
+        for qid, ranked in runs.items():
+            for rank, (did, score) in enumerate(ranked, start=1):
+                handle.write(f"{qid} Q0 {did} {rank} {score:.6f} {run_id} {row.task_id}\n")
+
+
+def _records(mbeir: MBeir, rows: Sequence[Row], split: str, settings: Iterable[PoolSetting]):
+    queries = {q.qid: q for row in rows for q in mbeir.queries(row, split)}  # type: ignore[arg-type]
+    candidates: dict[str, Candidate] = {}
+    for row in rows:
+        candidates.update((c.did, c) for c in mbeir.pool(row, split))  # type: ignore[arg-type]
+    global_file = mbeir.global_pool_file(split)  # type: ignore[arg-type]
+    if "global" in settings and global_file.is_file():
+        candidates.update((c.did, c) for c in mbeir.global_pool(split))  # type: ignore[arg-type]
+    return queries, candidates
+
+
+def rerank_runs(
+    reranker: Any,
+    root: str | Path,
+    runs_dir: str | Path,
+    out_dir: str | Path,
+    rows: Sequence[Row],
+    split: str = "test",
+    settings: Sequence[PoolSetting] = ("local", "global"),
+    top: int = 50,
+    weights: Sequence[float] = (DEFAULT_WEIGHT,),
+    progress: bool = True,
+) -> dict[float, Scores]:
+    """Re-rank the run files in `runs_dir` for each weight; the first weight's runs and results go to
+    `out_dir` (runs/, results.json, results.md); every weight's scores are returned."""
+    mbeir, runs_dir, out_dir = MBeir(root), Path(runs_dir), Path(out_dir)
+    queries, candidates = _records(mbeir, rows, split, settings)
+    retrieved = {
+        (row.name, setting): read_scored_run(runs_dir / run_file_name(row, setting, split))
+        for row in rows
+        for setting in settings
+    }
+    wanted = [
+        (qid, did) for runs in retrieved.values() for qid, ranked in runs.items() for did, _ in ranked[:top]
+    ]
+    unknown = sorted({did for _, did in wanted if did not in candidates})
+    if unknown:
+        raise InputError(
+            runs_dir, f"run files name {len(unknown)} candidates absent from the pools (e.g. {unknown[0]})"
+        )
+    cache = PairScoreCache(out_dir / "pair_scores.jsonl")
+    score_pairs(reranker, wanted, queries, candidates, cache, progress)
+    results: dict[float, Scores] = {}
+    for position, weight in enumerate(weights):
+        target = out_dir / "runs" if position == 0 else Path(tempfile.mkdtemp(prefix="fusion-", dir=out_dir))
+        target.mkdir(parents=True, exist_ok=True)
+        for (name, setting), runs in retrieved.items():
+            row = next(r for r in rows if r.name == name)
+            fused = {
+                qid: fuse(ranked, {d: cache.scores[(qid, d)] for d, _ in ranked[:top]}, weight, top)
+                for qid, ranked in runs.items()
+            }
+            _write_fused(target / run_file_name(row, setting, split), row, fused, f"rerank_w{weight}")
+        results[weight] = score_runs(root, target, split, rows, settings)
+        if position == 0:
+            write_results(results[weight], out_dir, split)
+            (out_dir / "results.md").write_text(render_table(results[weight]) + "\n")
+        else:
+            for path in target.iterdir():
+                path.unlink()
+            target.rmdir()
+    return results
+
+
+def objective(scores: Scores) -> float:
+    """What the fusion weight maximises: the mean of the local and global averages present."""
+    values = [v for v in (scores.average("local"), scores.average("global")) if v is not None]
+    return float(np.mean(values)) if values else 0.0
+
+
+def tune_fusion(
+    reranker: Any,
+    root: str | Path,
+    runs_dir: str | Path,
+    out_dir: str | Path,
+    rows: Sequence[Row],
+    split: str = "val",
+    settings: Sequence[PoolSetting] = ("local", "global"),
+    top: int = 50,
+    grid: Sequence[float] = DEFAULT_GRID,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Choose the fusion weight on `split` (never `test`) and return {weight, top, split, objective per
+    weight}; also writes `fusion.json` to `out_dir`."""
+    if split == "test":
+        raise ValueError("the fusion weight is tuned on a validation split, never on the test split")
+    results = rerank_runs(reranker, root, runs_dir, out_dir, rows, split, settings, top, grid, progress)
+    table = {str(w): round(objective(s), 3) for w, s in results.items()}
+    best = max(grid, key=lambda w: (objective(results[w]), -w))  # ties: the smaller weight
+    # Leave the chosen weight's runs and results in out_dir (the cache makes this free).
+    rerank_runs(reranker, root, runs_dir, out_dir, rows, split, settings, top, (best,), progress=False)
+    choice = {
+        "weight": best,
+        "top": top,
+        "split": split,
+        "objective": "mean of local and global averages",
+        "by_weight": table,
+    }
+    write_json(Path(out_dir) / "fusion.json", choice)
+    logger.info("fusion weight %s on %s: %s", best, split, table)
+    return choice

@@ -1,0 +1,254 @@
+"""The pointwise generative re-ranker (method section 6).
+
+A backbone of any registered family, with causal attention, reads one chat turn: a fixed instruction,
+then "Query:" with the query's image and text, then "Candidate:" with the candidate's image and text,
+then the generation prompt. The score is P(Yes) = softmax(logit_Yes, logit_No)[Yes] at the first answer
+position: one forward pass, no generate loop. Training is next-token cross-entropy over the whole
+vocabulary on that answer token only ("Yes" for a positive, "No" for a negative).
+
+The answer logits come from the language model's output embedding: the checkpoint's `lm_head` where it
+has an untied one (read from the hub checkpoint, saved as `answer_head.safetensors` with a re-ranker),
+else the tied input embeddings (SmolLM2, the tiny test models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from umarvel.config.io import from_dict
+from umarvel.config.schema import RerankerConfig
+from umarvel.data.collator import EncodeItem
+from umarvel.data.io import InputError
+from umarvel.data.text import format_string
+from umarvel.modeling.attention import set_attention_mode
+from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
+from umarvel.modeling.embedder import resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+RERANKER_FILE = "reranker.json"
+HEAD_FILE = "answer_head.safetensors"
+INSTRUCTION = (
+    "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
+    "requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'."
+)
+ANSWERS = ("Yes", "No")
+
+
+@dataclass(frozen=True)
+class RerankPair:
+    """A query (its instruction included) and one candidate to judge."""
+
+    query: EncodeItem
+    candidate: EncodeItem
+
+
+@dataclass
+class PairBatch:
+    """Backbone inputs and the position of the first answer token in each row."""
+
+    inputs: dict[str, torch.Tensor]
+    answer_positions: torch.Tensor  # (B,)
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        return PairBatch(moved, self.answer_positions.to(device))
+
+
+class PairCollator:
+    """Renders (query, candidate) pairs as one user turn plus the generation prompt."""
+
+    def __init__(
+        self, processor: Any, nested_images: bool, max_text_tokens: int = 256, format_text: bool = True
+    ) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.nested_images = nested_images
+        self.max_text_tokens = max_text_tokens
+        self.format_text = format_text
+
+    def _text(self, item: EncodeItem, with_instruction: bool) -> str:
+        text = (item.text or "").strip()
+        instruction = (item.instruction or "").strip() if with_instruction else ""
+        joined = f"{instruction} {text}".strip()
+        if self.format_text and joined:
+            joined = format_string(joined)
+        ids = self.tokenizer(joined, add_special_tokens=False)["input_ids"]
+        return (
+            self.tokenizer.decode(ids[: self.max_text_tokens]) if len(ids) > self.max_text_tokens else joined
+        )
+
+    def render(self, pair: RerankPair) -> str:
+        content: list[dict[str, str]] = [{"type": "text", "text": f"{INSTRUCTION}\nQuery:"}]
+        for label, item, with_instruction in (
+            ("Query", pair.query, True),
+            ("Candidate", pair.candidate, False),
+        ):
+            if not (item.text or "").strip() and item.image is None:
+                raise InputError(item.where, f"empty {label.lower()}: no text and no image")
+            if label == "Candidate":
+                content.append({"type": "text", "text": "\nCandidate:"})
+            if item.image is not None:
+                content.append({"type": "image"})
+            text = self._text(item, with_instruction)
+            if text:
+                content.append({"type": "text", "text": f" {text}"})
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    def __call__(self, pairs: Sequence[RerankPair]) -> PairBatch:
+        rendered = [self.render(pair) for pair in pairs]
+        kwargs: dict[str, Any] = {}
+        per_pair = [[i.image for i in (p.query, p.candidate) if i.image is not None] for p in pairs]
+        if any(per_pair):
+            kwargs["images"] = per_pair if self.nested_images else [im for ims in per_pair for im in ims]
+        encoding = self.processor(text=rendered, padding=True, return_tensors="pt", **kwargs)
+        attention = encoding["attention_mask"]
+        # The last real token of each row (right or left padding alike) predicts the answer.
+        length = attention.shape[1]
+        positions = length - 1 - torch.flip(attention, dims=[1]).argmax(dim=1)
+        return PairBatch(dict(encoding), positions)
+
+
+def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
+    """First token ids of "Yes" and "No" as the assistant would start its answer."""
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in ANSWERS]
+    if not ids[0] or not ids[1] or ids[0][0] == ids[1][0]:
+        raise ValueError(f"the tokenizer cannot tell {ANSWERS} apart by their first token: {ids}")
+    return ids[0][0], ids[1][0]
+
+
+def _hub_lm_head(name: str) -> torch.Tensor | None:
+    """The untied `lm_head.weight` of a hub checkpoint (or a plain folder), read alone from its
+    safetensors; None when the checkpoint ties it to the input embeddings."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(filename: str) -> Path:
+        local = Path(name) / filename
+        return local if local.exists() else Path(hf_hub_download(name, filename))
+
+    config = json.loads(fetch("config.json").read_text())
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings"))
+    if tied:
+        return None
+    try:
+        index = json.loads(fetch("model.safetensors.index.json").read_text())
+        shard = index["weight_map"].get("lm_head.weight")
+    except (OSError, KeyError, ValueError):
+        shard = "model.safetensors"
+    if shard is None:
+        return None
+    with safe_open(str(fetch(shard)), framework="pt") as handle:
+        names = set(handle.keys())
+        return handle.get_tensor("lm_head.weight") if "lm_head.weight" in names else None
+
+
+class Reranker(nn.Module):
+    """Scores (query, candidate) pairs with P(Yes).
+
+    Args:
+        backbone: any registered family; its language model is set to causal attention.
+        config: the re-ranker settings.
+        head: the untied output embedding (V, H), or None to use the tied input embeddings.
+    """
+
+    def __init__(self, backbone: Backbone, config: RerankerConfig, head: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.settings = config
+        self.backbone = backbone
+        self.model = backbone.model
+        set_attention_mode(backbone.language_model, "causal")
+        self.head = None if head is None else nn.Parameter(head, requires_grad=False)
+        self.collator = PairCollator(
+            backbone.processor, backbone.spec.nested_images, config.max_text_tokens, config.format_text
+        )
+        self.yes_id, self.no_id = answer_token_ids(backbone.processor.tokenizer)
+        self.fusion: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str, **overrides: Any) -> Reranker:
+        """Load `model` (`offline`, `tiny:<family>`, hub id, or a re-ranker folder)."""
+        path = Path(model)
+        saved: dict[str, Any] = {}
+        fusion: dict[str, Any] = {}
+        if (path / RERANKER_FILE).is_file():
+            saved = json.loads((path / RERANKER_FILE).read_text())
+            fusion = saved.pop("fusion", {}) or {}
+        config = from_dict(RerankerConfig, {**saved, **overrides, "model": model})
+        dtype = resolve_dtype(config.dtype)
+        backbone = load_backbone(model, dtype, config.attn_implementation, config.visual_tokens)
+        if (path / HEAD_FILE).is_file():
+            head = load_file(path / HEAD_FILE)["weight"]
+        elif model == "offline" or model.startswith("tiny:") or (path / CHECKPOINT_FILE).is_file():
+            head = None
+        else:
+            head = _hub_lm_head(model)
+        reranker = cls(backbone, config, None if head is None else head.to(dtype))
+        reranker.fusion = fusion
+        return reranker
+
+    @classmethod
+    def from_config(cls, config: RerankerConfig) -> Reranker:
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
+        return cls.from_pretrained(config.model, **fields)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.backbone.save(directory)
+        if self.head is not None:
+            save_file({"weight": self.head.detach().cpu().contiguous()}, directory / HEAD_FILE)
+        self.write_settings(directory)
+
+    def write_settings(self, directory: Path) -> None:
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "model"}
+        settings["fusion"] = self.fusion
+        (directory / RERANKER_FILE).write_text(json.dumps(settings, indent=2))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def output_embedding(self) -> torch.Tensor:
+        if self.head is not None:
+            return self.head
+        return self.backbone.language_model.get_input_embeddings().weight
+
+    def forward(self, batch: PairBatch) -> torch.Tensor:
+        """Next-token logits over the vocabulary at each row's answer position, float32 (B, V)."""
+        hidden = self.backbone.forward(batch.inputs)  # (B, L, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, batch.answer_positions]  # (B, H)
+        weight = self.output_embedding()
+        return (last.to(weight.dtype) @ weight.T).float()
+
+    def p_yes(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the Yes and No logits, the Yes side: (B,) in [0, 1]."""
+        pair = torch.stack([logits[:, self.yes_id], logits[:, self.no_id]], dim=1)
+        return torch.softmax(pair, dim=1)[:, 0]
+
+    @torch.inference_mode()
+    def iter_scores(self, pairs: Sequence[RerankPair], batch_size: int | None = None) -> Iterator[np.ndarray]:
+        """P(Yes) per pair, batch by batch in input order."""
+        batch_size = batch_size or self.settings.batch_size
+        self.eval()
+        for start in range(0, len(pairs), batch_size):
+            batch = self.collator(pairs[start : start + batch_size]).to(self.device)
+            yield self.p_yes(self(batch)).cpu().numpy()
+
+    def score(self, pairs: Sequence[RerankPair], batch_size: int | None = None) -> np.ndarray:
+        """P(Yes) for every pair, (N,) float32."""
+        parts = list(self.iter_scores(pairs, batch_size))
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, dtype=np.float32)

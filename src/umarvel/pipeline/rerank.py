@@ -1,0 +1,292 @@
+"""Re-ranker stages: `train-reranker` (R1 / R2) and `score` (the distillation teacher, method 7.1).
+
+`train_reranker` output folder: config.yaml, checkpoints/ (resumable), model/ (merged re-ranker),
+metrics.json, training_curve.png, manifest.json.
+
+`score_teacher` output folder:
+    embeddings/        resumable query and pool embeddings of the stage-B embedder
+    parts/             re-ranker scores, one file per chunk of queries (a rerun skips finished chunks)
+    teacher.jsonl      per sampled query: qid, task_id, positives, candidates (top K of its local
+                       training pool), cosine, p_yes, teacher = alpha * cosine + (1 - alpha) * p_yes
+    summary.json       per task: queries, mean P(Yes) of labelled positives and of the rest, and how often
+                       the embedder's and the teacher's top 1 is a labelled positive
+    manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umarvel.config.io import save_config
+from umarvel.config.manifest import write_manifest
+from umarvel.config.schema import RerankerRunConfig
+from umarvel.data.io import InputError, read_jsonl, write_json, write_jsonl
+from umarvel.data.mbeir import Instructions, dataset_id_of, read_pool, read_queries
+from umarvel.data.records import Candidate, Query
+from umarvel.data.sampling import row_rng
+from umarvel.data.training import encode_item, load_rows
+
+logger = logging.getLogger(__name__)
+
+
+def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
+    """Train a re-ranker stage to completion (resuming from the newest checkpoint); returns model/."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from umarvel.modeling.reranker import Reranker
+    from umarvel.pipeline.train import plot_training_curve, train_or_resume
+    from umarvel.training.adapters import merge_adapters, prepare_for_training
+    from umarvel.training.rerank import RerankCollator, RerankerTrainer, RerankSet
+    from umarvel.training.trainer import training_arguments
+
+    if not config.data.train:
+        raise ValueError("the recipe has no data.train sources")
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, output_dir / "config.yaml")
+    reranker = Reranker.from_config(config.reranker)
+    rows = [row for source in config.data.train for row in load_rows(source)]
+    dataset = RerankSet(rows, config.seed, config.reranker.max_image_pixels)
+    prepare_for_training(reranker, config.train.lora, config.train.trainable_modules, seed=config.seed)
+    trainer = RerankerTrainer(
+        model=reranker,
+        args=training_arguments(config.train, output_dir / "checkpoints", config.seed),
+        train_dataset=dataset,
+        data_collator=RerankCollator(reranker.collator),
+    )
+    checkpoints = output_dir / "checkpoints"
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    metrics: dict[str, Any] = {"stage": config.stage, "queries": len(rows)}
+    metrics.update(train_or_resume(trainer, resume))
+    if config.train.lora.enabled and config.train.merge_lora:
+        merge_adapters(reranker)
+    reranker.eval()
+    model_dir = output_dir / "model"
+    reranker.save_pretrained(model_dir)
+    metrics["log_history"] = trainer.state.log_history
+    write_json(output_dir / "metrics.json", metrics)
+    plot_training_curve(trainer.state.log_history, output_dir / "training_curve.png")
+    inputs = {f"train_{i}_{s.kind}": s.path for i, s in enumerate(config.data.train)}
+    for i, source in enumerate(config.data.train):
+        if source.negatives:
+            inputs[f"train_{i}_negatives"] = source.negatives
+    write_manifest(output_dir, "train-reranker", config, inputs=inputs, extra={"model": str(model_dir)})
+    write_manifest(model_dir, "train-reranker", config, inputs=inputs, extra={"stage": config.stage})
+    return model_dir
+
+
+def sample_queries(queries: Sequence[Query], fraction: float, seed: int) -> list[Query]:
+    """A seeded sample of `fraction` of the distinct qids of each task (at least one per task), in
+    file order. The same seed and queries give the same sample."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    first: dict[str, Query] = {}
+    for query in queries:
+        first.setdefault(query.qid, query)
+    by_task: dict[int | None, list[str]] = defaultdict(list)
+    for qid, query in first.items():
+        by_task[query.task_id].append(qid)
+    chosen: set[str] = set()
+    for task, qids in sorted(by_task.items(), key=lambda item: str(item[0])):
+        count = max(1, round(len(qids) * fraction))
+        chosen.update(row_rng(seed, 0, hash_task(task)).sample(sorted(qids), count))
+    return [q for q in first.values() if q.qid in chosen]
+
+
+def hash_task(task: int | None) -> int:
+    return -1 if task is None else int(task)
+
+
+def local_pool_key(identifier: str, modality: str) -> tuple[int, str]:
+    """M-BEIR local pools are per dataset and candidate modality: (dataset id, modality)."""
+    return dataset_id_of(identifier), modality
+
+
+def parse_alphas(pairs: Sequence[str]) -> dict[int, float]:
+    """`TASK=ALPHA` strings (e.g. `0=0.5`) -> {task: alpha}, each alpha in [0, 1]."""
+    alphas = {}
+    for pair in pairs:
+        task, _, value = pair.partition("=")
+        try:
+            alphas[int(task)] = float(value)
+        except ValueError:
+            raise ValueError(f"per-task alpha {pair!r} is not TASK=ALPHA (e.g. 0=0.5)") from None
+        if not 0 <= alphas[int(task)] <= 1:
+            raise ValueError(f"alpha for task {task} must be in [0, 1], got {value}")
+    return alphas
+
+
+def _shortlists(
+    queries: Sequence[Query],
+    query_vectors: np.ndarray,
+    pool: Sequence[Candidate],
+    pool_vectors: np.ndarray,
+    top: int,
+) -> list[tuple[list[str], list[float]]]:
+    """Top `top` of each query's local training pool: candidates of its dataset and of its positives'
+    modality (the whole dataset when its positives are absent from the pool)."""
+    modality = {c.did: c.modality.value for c in pool}
+    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+    by_dataset: dict[int, list[int]] = defaultdict(list)
+    for i, candidate in enumerate(pool):
+        groups[local_pool_key(candidate.did, modality[candidate.did])].append(i)
+        by_dataset[dataset_id_of(candidate.did)].append(i)
+    lists: list[tuple[list[str], list[float]]] = []
+    for query, vector in zip(queries, query_vectors, strict=True):
+        kinds = [modality[d] for d in query.positives if d in modality]
+        members = (
+            groups[local_pool_key(query.qid, kinds[0])] if kinds else by_dataset[dataset_id_of(query.qid)]
+        )
+        if not members:
+            raise InputError(
+                query.source, f"no training-pool candidate of dataset {dataset_id_of(query.qid)}"
+            )
+        scores = pool_vectors[members] @ vector
+        order = np.argsort(-scores, kind="stable")[:top]
+        lists.append(([pool[members[i]].did for i in order], [float(scores[i]) for i in order]))
+    return lists
+
+
+def score_teacher(
+    embedder: Any,
+    reranker: Any,
+    root: str | Path,
+    out_dir: str | Path,
+    queries_file: str = "query/union_train/mbeir_union_up_train.jsonl",
+    pool_file: str = "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
+    fraction: float = 0.1,
+    top: int = 50,
+    alpha: float = 0.5,
+    alpha_by_task: Mapping[int, float] | None = None,
+    seed: int = 42,
+    chunk_queries: int = 8,
+    progress: bool = True,
+) -> Path:
+    """Write `teacher.jsonl` for a stratified sample of training queries (see module docstring)."""
+    from umarvel.modeling.reranker import RerankPair
+    from umarvel.retrieval.encode import encode_corpus
+
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha_by_task = dict(alpha_by_task or {})
+    root, out_dir = Path(root), Path(out_dir)
+    instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv")
+    queries = sample_queries(read_queries(root / queries_file, instructions, image_root=root), fraction, seed)
+    pool = read_pool(root / pool_file, image_root=root)
+    if not queries or not pool:
+        raise InputError(root, "no queries or no candidates to score")
+    logger.info("scoring %d sampled queries (%.0f%%) against their top %d", len(queries), 100 * fraction, top)
+    embeddings = out_dir / "embeddings"
+    query_vectors = np.load(
+        encode_corpus(embedder, queries, embeddings / "queries.npy", "query", progress=progress)
+    )
+    pool_vectors = np.load(
+        encode_corpus(embedder, pool, embeddings / "pool.npy", "candidate", progress=progress)
+    )
+    shortlists = _shortlists(queries, query_vectors, pool, pool_vectors, top)
+    by_did = {c.did: c for c in pool}
+    parts = out_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    pixels = reranker.settings.max_image_pixels
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    chunks = range(0, len(queries), chunk_queries)
+    for number, start in enumerate(_track(chunks, progress, "re-ranker scoring")):
+        part = parts / f"{number:05d}.jsonl"
+        chunk = queries[start : start + chunk_queries]
+        if part.is_file():
+            done = [r for _, r in read_jsonl(part)]
+            if [r["qid"] for r in done] == [q.qid for q in chunk]:
+                records.extend(done)
+                continue
+        chunk_records = []
+        for query, (dids, cosines) in zip(chunk, shortlists[start : start + chunk_queries], strict=True):
+            query_item = encode_item(query, pixels, with_instruction=True)
+            pairs = [
+                RerankPair(query_item, encode_item(by_did[d], pixels, with_instruction=False)) for d in dids
+            ]
+            p_yes = reranker.score(pairs)
+            weight = alpha_by_task.get(int(query.task_id) if query.task_id is not None else -1, alpha)
+            chunk_records.append(
+                {
+                    "qid": query.qid,
+                    "task_id": query.task_id,
+                    "positives": list(query.positives),
+                    "candidates": dids,
+                    "cosine": [round(c, 6) for c in cosines],
+                    "p_yes": [round(float(p), 6) for p in p_yes],
+                    "alpha": weight,
+                    "teacher": [
+                        round(weight * c + (1 - weight) * float(p), 6)
+                        for c, p in zip(cosines, p_yes, strict=True)
+                    ],
+                }
+            )
+        write_jsonl(part, chunk_records)
+        records.extend(chunk_records)
+    seconds = round(time.perf_counter() - started, 1)
+    write_jsonl(out_dir / "teacher.jsonl", records)
+    summary = _summary(records)
+    summary["rerank_seconds_this_run"] = seconds
+    summary["pairs"] = sum(len(r["candidates"]) for r in records)
+    write_json(out_dir / "summary.json", summary)
+    write_manifest(
+        out_dir,
+        "score",
+        {
+            "fraction": fraction,
+            "top": top,
+            "alpha": alpha,
+            "alpha_by_task": alpha_by_task,
+            "seed": seed,
+            "embedder": vars(embedder.settings),
+            "reranker": vars(reranker.settings),
+        },
+        inputs={"mbeir_root": root},
+        extra={"queries": len(records)},
+    )
+    logger.info("teacher scores for %d queries: %s", len(records), json.dumps(summary["tasks"]))
+    return out_dir / "teacher.jsonl"
+
+
+def _track(items: Sequence[int], progress: bool, description: str) -> Any:
+    if not progress:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description)
+
+
+def _summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    tasks: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        task = tasks[str(record["task_id"])]
+        positives = set(record["positives"])
+        for did, p in zip(record["candidates"], record["p_yes"], strict=True):
+            task["p_yes_positive" if did in positives else "p_yes_other"].append(p)
+        cos_top = record["candidates"][int(np.argmax(record["cosine"]))]
+        teacher_top = record["candidates"][int(np.argmax(record["teacher"]))]
+        task["embedder_top1_positive"].append(float(cos_top in positives))
+        task["teacher_top1_positive"].append(float(teacher_top in positives))
+        task["queries"].append(1.0)
+    return {
+        "tasks": {
+            name: {
+                "queries": int(sum(values["queries"])),
+                **{
+                    key: round(float(np.mean(v)), 4) if v else None
+                    for key, v in values.items()
+                    if key != "queries"
+                },
+            }
+            for name, values in sorted(tasks.items())
+        }
+    }

@@ -1,0 +1,289 @@
+"""The re-ranker, the distillation teacher and loss, and U-MARVEL+ fusion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from umarvel.data.collator import EncodeItem
+from umarvel.losses.distillation import distillation_kl
+from umarvel.modeling.reranker import Reranker, RerankPair
+
+
+@pytest.fixture(scope="module")
+def reranker() -> Reranker:
+    return Reranker.from_pretrained("tiny:qwen2_vl")
+
+
+def _pairs() -> list[RerankPair]:
+    red = Image.new("RGB", (64, 48), (200, 30, 30))
+    return [
+        RerankPair(EncodeItem(text="a red square", instruction="Find an image."), EncodeItem(image=red)),
+        RerankPair(
+            EncodeItem(image=red, text="what colour is it?"), EncodeItem(text="red, bright and shiny")
+        ),
+        RerankPair(EncodeItem(text="a dog"), EncodeItem(text="a cat sitting on a very long wooden fence")),
+    ]
+
+
+def test_kl_is_zero_when_the_teacher_equals_the_student_and_positive_otherwise() -> None:
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    shortlist = torch.nn.functional.normalize(torch.randn(3, 5, 8), dim=-1)
+    student_scores = torch.einsum("nd,nkd->nk", queries, shortlist)
+    same = distillation_kl(queries, shortlist, student_scores, torch.tensor(0.05))
+    other = distillation_kl(queries, shortlist, student_scores.flip(-1), torch.tensor(0.05))
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    assert float(other) > 0.01
+
+
+def test_kl_ignores_padded_shortlist_entries() -> None:
+    torch.manual_seed(1)
+    queries = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    shortlist = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)
+    teacher = torch.rand(2, 4)
+    valid = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    padded = distillation_kl(queries, shortlist, teacher, 0.1, valid)
+    trimmed = distillation_kl(queries, shortlist[:, :3], teacher[:, :3], 0.1)
+    torch.testing.assert_close(padded, trimmed)
+
+
+def test_the_teacher_side_sends_no_gradient_to_the_temperature() -> None:
+    queries = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    shortlist = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)
+    scores = torch.einsum("nd,nkd->nk", queries, shortlist)
+    temperature = torch.tensor(0.05, requires_grad=True)
+    distillation_kl(queries, shortlist, scores, temperature).backward()
+    # Teacher equals student: only the student path could move tau, and at the optimum its gradient is 0.
+    assert float(temperature.grad) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_p_yes_lies_in_0_1_and_does_not_depend_on_batch_composition(reranker: Reranker) -> None:
+    pairs = _pairs()
+    together = reranker.score(pairs, batch_size=3)
+    alone = np.array([reranker.score([p], batch_size=1)[0] for p in pairs])
+    assert ((together >= 0) & (together <= 1)).all()
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_the_prompt_ends_with_the_generation_prompt_and_holds_both_sides(reranker: Reranker) -> None:
+    rendered = reranker.collator.render(_pairs()[1])
+    assert rendered.rstrip().endswith("assistant")
+    lowered = rendered.lower()
+    assert lowered.index("query:") < lowered.index("what colour") < lowered.index("candidate:")
+    batch = reranker.collator(_pairs())
+    lengths = batch.inputs["attention_mask"].sum(dim=1) - 1
+    torch.testing.assert_close(batch.answer_positions, lengths)
+
+
+def test_a_save_and_load_round_trip_keeps_the_scores(reranker: Reranker, tmp_path: Path) -> None:
+    reranker.save_pretrained(tmp_path / "r")
+    again = Reranker.from_pretrained(str(tmp_path / "r"))
+    np.testing.assert_allclose(again.score(_pairs()), reranker.score(_pairs()), atol=1e-6)
+
+
+def test_fusion_with_weight_zero_reproduces_the_retriever_ranking() -> None:
+    from umarvel.evaluation.rerank import fuse
+
+    ranked = [("a", 0.9), ("b", 0.8), ("c", 0.8), ("d", 0.1)]
+    p_yes = {"a": 0.0, "b": 1.0, "c": 0.5, "d": 1.0}
+    assert [d for d, _ in fuse(ranked, p_yes, 0.0, top=4)] == ["a", "b", "c", "d"]
+    assert [d for d, _ in fuse(ranked, p_yes, 1.0, top=3)] == ["b", "c", "a", "d"]
+
+
+def test_the_sample_is_stratified_seeded_and_covers_every_task() -> None:
+    from umarvel.data.records import Query
+    from umarvel.pipeline.rerank import sample_queries
+
+    queries = [Query(qid=f"{t}:{i}", text="x", task_id=t) for t in (0, 3) for i in range(40)]
+    queries += [Query(qid="5:0", text="x", task_id=5), Query(qid="0:1", text="x", task_id=0)]  # a duplicate
+    sample = sample_queries(queries, 0.1, seed=42)
+    by_task = {t: sum(q.task_id == t for q in sample) for t in (0, 3, 5)}
+    assert by_task == {0: 4, 3: 4, 5: 1}
+    assert [q.qid for q in sample] == [q.qid for q in sample_queries(queries, 0.1, seed=42)]
+    assert [q.qid for q in sample] != [q.qid for q in sample_queries(queries, 0.1, seed=7)]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Mine -> train R1 (2 steps) -> score the teacher, on the mini M-BEIR with tiny models."""
+    from umarvel.config.io import load_config
+    from umarvel.config.schema import RerankerRunConfig
+    from umarvel.data.mini_mbeir import build_mini_mbeir
+    from umarvel.mining.filters import NegativeRules
+    from umarvel.mining.mine import mine_negatives
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.pipeline.rerank import score_teacher, train_reranker
+
+    work = tmp_path_factory.mktemp("rerank")
+    root = build_mini_mbeir(work / "M-BEIR")
+    embedder = Embedder.from_pretrained("tiny:qwen2_vl")
+    rules = NegativeRules(k=4, max_score=2.0, selection="sample", rank_end=20)
+    negatives = mine_negatives(
+        embedder,
+        root,
+        "query/union_train/mbeir_union_up_train.jsonl",
+        "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
+        work / "mine",
+        rules,
+        shortlist_size=20,
+        progress=False,
+    )
+    config = load_config(
+        None,
+        [
+            "reranker.model=tiny:qwen2_vl",
+            f"data.train=[{{kind: mbeir, path: {root}, negatives: {negatives}}}]",
+            "train.max_steps=2",
+            "train.per_device_batch_size=4",
+            "train.save_steps=1000",
+            "train.lora.rank=4",
+            "train.lora.alpha=8",
+            f"output_dir={work / 'r1'}",
+        ],
+        RerankerRunConfig,
+    )
+    model_dir = train_reranker(config, progress=False)
+    teacher = score_teacher(
+        embedder,
+        Reranker.from_pretrained(str(model_dir)),
+        root,
+        work / "teacher",
+        fraction=0.5,
+        top=5,
+        alpha=0.5,
+        alpha_by_task={3: 0.9},
+        chunk_queries=4,
+        progress=False,
+    )
+    return {"root": root, "r1": model_dir, "teacher": teacher, "work": work}
+
+
+def test_the_teacher_file_covers_exactly_the_sampled_queries(chain: dict[str, Path]) -> None:
+    from umarvel.data.mbeir import Instructions, read_queries
+    from umarvel.pipeline.rerank import sample_queries
+
+    root = chain["root"]
+    queries = read_queries(
+        root / "query/union_train/mbeir_union_up_train.jsonl",
+        Instructions.from_tsv(root / "instructions" / "query_instructions.tsv"),
+        image_root=root,
+    )
+    expected = [q.qid for q in sample_queries(queries, 0.5, seed=42)]
+    records = [json.loads(line) for line in chain["teacher"].read_text().splitlines()]
+    assert [r["qid"] for r in records] == expected
+    for record in records:
+        assert len(record["candidates"]) == len(record["teacher"]) == len(record["p_yes"]) <= 5
+        alpha = 0.9 if record["task_id"] == 3 else 0.5
+        assert record["alpha"] == alpha
+        expected_teacher = alpha * np.array(record["cosine"]) + (1 - alpha) * np.array(record["p_yes"])
+        np.testing.assert_allclose(record["teacher"], expected_teacher, atol=1e-5)
+
+
+def test_the_shortlist_stays_inside_the_query_dataset_and_candidate_modality(chain: dict[str, Path]) -> None:
+    from umarvel.data.mbeir import read_pool
+
+    root = chain["root"]
+    pool = {c.did: c for c in read_pool(root / "cand_pool/global/mbeir_union_train_cand_pool.jsonl")}
+    for line in chain["teacher"].read_text().splitlines():
+        record = json.loads(line)
+        prefix = record["qid"].split(":")[0]
+        kinds = {pool[d].modality for d in record["positives"] if d in pool}
+        for did in record["candidates"]:
+            assert did.split(":")[0] == prefix
+            if kinds:
+                assert pool[did].modality in kinds
+
+
+def test_a_rerun_of_score_reuses_the_finished_parts(chain: dict[str, Path], monkeypatch) -> None:
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.pipeline.rerank import score_teacher
+
+    ranker = Reranker.from_pretrained(str(chain["r1"]))
+    before = chain["teacher"].read_text()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished part was scored again")
+
+    monkeypatch.setattr(Reranker, "score", refuse)
+    score_teacher(
+        Embedder.from_pretrained("tiny:qwen2_vl"),
+        ranker,
+        chain["root"],
+        chain["work"] / "teacher",
+        fraction=0.5,
+        top=5,
+        alpha=0.5,
+        alpha_by_task={3: 0.9},
+        chunk_queries=4,
+        progress=False,
+    )
+    assert chain["teacher"].read_text() == before
+
+
+def test_stage_c_training_steps_lower_the_kl_to_the_teacher(chain: dict[str, Path]) -> None:
+    from umarvel.config.io import load_config
+    from umarvel.pipeline.train import build_trainer
+
+    config = load_config(
+        None,
+        [
+            "embedder.model=tiny:qwen2_vl",
+            f"data.train=[{{kind: mbeir, path: {chain['root']}, teacher: {chain['teacher']}}}]",
+            "train.loss=distill",
+            "train.distill_top=5",
+            "train.per_device_batch_size=4",
+            "train.learning_rate=0.0001",
+            "train.lora.dropout=0.0",
+            "train.gradcache_chunk_size=3",
+            f"output_dir={chain['work'] / 'c'}",
+        ],
+    )
+    trainer = build_trainer(config, chain["work"] / "c")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["teacher"].shape == (4, 5)
+
+    def kl() -> float:
+        trainer.model.eval()
+        with torch.no_grad():
+            trainer._parts.clear()
+            trainer.compute_loss(trainer.model, batch)
+            return trainer._parts["loss/distill_kl"][0]
+
+    before = kl()
+    trainer.create_optimizer()
+    for _ in range(3):
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+    assert kl() < before
+
+
+def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs(
+    chain: dict[str, Path], tmp_path: Path
+) -> None:
+    from umarvel.evaluation.mbeir import evaluate_mbeir
+    from umarvel.evaluation.rerank import rerank_runs, tune_fusion
+    from umarvel.modeling.embedder import Embedder
+
+    root = chain["root"]
+    ranker = Reranker.from_pretrained(str(chain["r1"]))
+    retrieval = evaluate_mbeir(
+        Embedder.from_pretrained("tiny:qwen2_vl"), root, tmp_path / "ret", "val", progress=False
+    )
+    rows = [s.row for s in retrieval.rows]
+    with pytest.raises(ValueError, match="never on the test split"):
+        tune_fusion(ranker, root, tmp_path / "ret" / "runs", tmp_path / "t", rows, split="test")
+    choice = tune_fusion(
+        ranker, root, tmp_path / "ret" / "runs", tmp_path / "t", rows, "val", top=5, grid=(0.0, 1.0)
+    )
+    assert choice["weight"] in (0.0, 1.0) and choice["split"] == "val"
+    zero = rerank_runs(
+        ranker, root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=5, weights=(0.0,)
+    )
+    assert zero[0.0].to_json()["average"] == retrieval.to_json()["average"]
