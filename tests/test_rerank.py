@@ -287,3 +287,32 @@ def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs
         ranker, root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=5, weights=(0.0,)
     )
     assert zero[0.0].to_json()["average"] == retrieval.to_json()["average"]
+
+
+def test_search_with_a_reranker_at_weight_zero_keeps_the_index_order_and_reads_the_index_folder(
+    tmp_path: Path,
+) -> None:
+    from umarvel.config.schema import EmbedderConfig
+    from umarvel.pipeline.index import build_index, search_index
+
+    pool = tmp_path / "pool.jsonl"
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "green.jpg")
+    rows = [{"did": f"d{i}", "txt": f"item number {i} is a thing"} for i in range(6)]
+    rows.append({"did": "img", "txt": None, "img_path": "green.jpg"})
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_index(EmbedderConfig(model="tiny:qwen2_vl"), pool, tmp_path / "idx", progress=False)
+    plain = search_index(tmp_path / "idx", text="item number 3", k=5)
+    zero = search_index(
+        tmp_path / "idx", text="item number 3", k=5, reranker="tiny:qwen2_vl", fusion_weight=0.0
+    )
+    heavy = search_index(
+        tmp_path / "idx",
+        text="item number 3",
+        k=7,
+        reranker="tiny:qwen2_vl",
+        rerank_top=7,
+        fusion_weight=100.0,
+    )
+    assert zero.ids == plain.ids
+    assert sorted(heavy.ids[0]) == sorted(r["did"] for r in rows)
+    assert list(heavy.scores[0]) == sorted(heavy.scores[0], reverse=True)

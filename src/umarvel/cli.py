@@ -173,6 +173,14 @@ def search(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="runtime override, e.g. dtype=bfloat16 (not the model)")
     ] = None,
+    reranker: Annotated[
+        str | None, typer.Option(help="U-MARVEL+: re-rank the top with this re-ranker")
+    ] = None,
+    rerank_top: Annotated[int, typer.Option(help="candidates re-ranked")] = 50,
+    fusion_weight: Annotated[
+        float | None,
+        typer.Option(help="w in cos + w * P(Yes); default: the re-ranker's tuned weight, else 0.1"),
+    ] = None,
 ) -> None:
     """Search an index with a text and/or image query; prints ranked dids with scores."""
     from umarvel.pipeline.index import search_index
@@ -184,7 +192,9 @@ def search(
         overrides: dict[str, Any] = {}
         for item in set_ or []:
             apply_override(overrides, item)
-        result = search_index(index_dir, text, image, instruction, k, overrides)
+        result = search_index(
+            index_dir, text, image, instruction, k, overrides, reranker, rerank_top, fusion_weight
+        )
     except (InputError, ConfigError, IndexMismatchError, FileNotFoundError) as error:
         _fail(error)
     table = Table(title=f"top {k}")

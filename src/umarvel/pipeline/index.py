@@ -1,4 +1,8 @@
-"""The `index` and `search` stages: embed a pool into a FAISS index folder, and query it."""
+"""The `index` and `search` stages: embed a pool into a FAISS index folder, and query it.
+
+An index folder also keeps `candidates.jsonl` (did, txt, absolute img_path), so a re-ranker can read
+the candidates it judges without the original pool file.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ import numpy as np
 
 from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import EmbedderConfig
-from umarvel.data.records import Query
+from umarvel.data.io import InputError, read_jsonl, write_jsonl
+from umarvel.data.records import Candidate, Query
 from umarvel.retrieval.index import Index, SearchResult, embedder_fingerprint
+
+CANDIDATES_FILE = "candidates.jsonl"
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,17 @@ def build_index(
     index = Index(embedder.dim, factory, embedder_fingerprint(dataclasses.asdict(config)))
     index.add(np.load(vectors_path), ids)
     index.save(out_dir)
+    write_jsonl(
+        out_dir / CANDIDATES_FILE,
+        (
+            {
+                "did": item.did,  # type: ignore[union-attr]
+                "txt": item.text,
+                "img_path": str(Path(item.image).resolve()) if item.image is not None else None,
+            }
+            for item in items
+        ),
+    )
     write_manifest(
         out_dir,
         "index",
@@ -50,6 +68,21 @@ def build_index(
     return index
 
 
+def read_candidates(index_dir: str | Path, wanted: set[str]) -> dict[str, Candidate]:
+    """The candidates `wanted` from an index folder's `candidates.jsonl`."""
+    path = Path(index_dir) / CANDIDATES_FILE
+    if not path.is_file():
+        raise InputError(path, "this index has no candidates file (built before re-ranking support?)")
+    found = {}
+    for _, record in read_jsonl(path):
+        if record["did"] in wanted:
+            image = record.get("img_path")
+            found[record["did"]] = Candidate(
+                did=record["did"], text=record.get("txt"), image=Path(image) if image else None
+            )
+    return found
+
+
 def search_index(
     index_dir: str | Path,
     text: str | None = None,
@@ -57,8 +90,14 @@ def search_index(
     instruction: str | None = None,
     k: int = 10,
     overrides: dict | None = None,
+    reranker: str | None = None,
+    rerank_top: int = 50,
+    fusion_weight: float | None = None,
 ) -> SearchResult:
-    """Embed one query with the embedder that built the index and return its top k."""
+    """Embed one query with the embedder that built the index and return its top k.
+
+    With `reranker`, the top `rerank_top` are re-scored cos + w * P(Yes) (U-MARVEL+) and re-sorted; w is
+    `fusion_weight`, else the re-ranker's tuned weight, else 0.1."""
     from umarvel.modeling.embedder import Embedder
 
     index = Index.load(index_dir)
@@ -69,4 +108,23 @@ def search_index(
     query = Query(
         qid="query", text=text, image=Path(image) if image is not None else None, instruction=instruction
     )
-    return index.search(embedder.encode_queries([query], progress=False), k)
+    vectors = embedder.encode_queries([query], progress=False)
+    if reranker is None:
+        return index.search(vectors, k)
+    from umarvel.data.training import encode_item
+    from umarvel.evaluation.rerank import DEFAULT_WEIGHT, fuse
+    from umarvel.modeling.reranker import Reranker, RerankPair
+
+    found = index.search(vectors, max(k, rerank_top))
+    ranked = [(d, float(s)) for d, s in zip(found.ids[0], found.scores[0], strict=True) if d]
+    ranker = Reranker.from_pretrained(reranker, dtype=embedder.settings.dtype)
+    weight = fusion_weight if fusion_weight is not None else ranker.fusion.get("weight", DEFAULT_WEIGHT)
+    head = [d for d, _ in ranked[:rerank_top]]
+    records = read_candidates(index_dir, set(head))
+    pixels = ranker.settings.max_image_pixels
+    query_item = encode_item(query, pixels, with_instruction=True)
+    p_yes = ranker.score([RerankPair(query_item, encode_item(records[d], pixels, False)) for d in head])
+    fused = fuse(ranked, dict(zip(head, p_yes.tolist(), strict=True)), float(weight), rerank_top)[:k]
+    return SearchResult(
+        ids=[[d for d, _ in fused]], scores=np.array([[s for _, s in fused]], dtype=np.float32)
+    )
