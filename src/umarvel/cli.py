@@ -324,7 +324,7 @@ def eval_mbeir(
     from umarvel.evaluation.rerank import rerank_runs
 
     try:
-        ranker, weight = _load_reranker(reranker, config.dtype, fusion_weight)
+        ranker, weight = _load_reranker(reranker, fusion_weight)
         rows = [s.row for s in scores.rows]
         reranked = rerank_runs(
             ranker,
@@ -356,12 +356,12 @@ def eval_mbeir(
     Console().print(render_table(reranked))
 
 
-def _load_reranker(name: str, dtype: str, weight: float | None) -> tuple[Any, float]:
+def _load_reranker(name: str, weight: float | None) -> tuple[Any, float]:
     """The re-ranker and the fusion weight: the given one, else its tuned one, else the paper's 0.1."""
     from umarvel.evaluation.rerank import DEFAULT_WEIGHT
     from umarvel.modeling.reranker import Reranker
 
-    ranker = Reranker.from_pretrained(name, dtype=dtype)
+    ranker = Reranker.from_pretrained(name)
     if weight is None:
         weight = ranker.fusion.get("weight")
         if weight is None:
@@ -514,7 +514,7 @@ def score(
     try:
         config = _embedder_config(model, set_)
         embedder = Embedder.from_config(config)
-        ranker = Reranker.from_pretrained(reranker, dtype=config.dtype)
+        ranker = Reranker.from_pretrained(reranker)
         path = score_teacher(
             embedder,
             ranker,
@@ -562,7 +562,7 @@ def tune_fusion_command(
         retrieval = evaluate_mbeir(
             Embedder.from_config(config), root, out / "retrieval", split, POOL_SETTINGS[pool]
         )
-        ranker = Reranker.from_pretrained(reranker, dtype=config.dtype)
+        ranker = Reranker.from_pretrained(reranker)
         rows = [s.row for s in retrieval.rows]
         choice = tune_fusion(
             ranker,

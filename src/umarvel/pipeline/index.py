@@ -117,7 +117,7 @@ def search_index(
 
     found = index.search(vectors, max(k, rerank_top))
     ranked = [(d, float(s)) for d, s in zip(found.ids[0], found.scores[0], strict=True) if d]
-    ranker = Reranker.from_pretrained(reranker, dtype=embedder.settings.dtype)
+    ranker = Reranker.from_pretrained(reranker)
     weight = fusion_weight if fusion_weight is not None else ranker.fusion.get("weight", DEFAULT_WEIGHT)
     head = [d for d, _ in ranked[:rerank_top]]
     records = read_candidates(index_dir, set(head))

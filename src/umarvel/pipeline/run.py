@@ -178,7 +178,7 @@ def _run_stage(
             raise ConfigError(f"score stage {spec.name} needs reranker_from")
         path = score_teacher(
             embedder,
-            Reranker.from_pretrained(inputs["reranker"]["reranker"], dtype=embedder.settings.dtype),
+            Reranker.from_pretrained(inputs["reranker"]["reranker"]),
             spec.root,
             stage_dir,
             spec.queries,
