@@ -467,6 +467,36 @@ def _run_suite(
     Console().print(table)
 
 
+@app.command()
+def serve(
+    index_dir: Annotated[Path, typer.Argument(help="an index folder written by `umarvel index`")],
+    reranker: Annotated[str | None, typer.Option(help="a re-ranker for rerank=true requests")] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    max_k: Annotated[int, typer.Option(help="largest k a request may ask for")] = 100,
+    max_image_mb: Annotated[float, typer.Option(help="largest uploaded image, MB")] = 8.0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="runtime override, e.g. dtype=bfloat16 (not the model)")
+    ] = None,
+) -> None:
+    """Serve an index over HTTP: a search page at /, POST /search and /embed, /health, /metrics,
+    and the OpenAPI schema at /docs."""
+    import uvicorn
+
+    from umarvel.serve.app import ServeLimits, Service, create_app
+
+    try:
+        overrides: dict[str, Any] = {}
+        for item in set_ or []:
+            apply_override(overrides, item)
+        limits = ServeLimits(max_k=max_k, max_image_bytes=int(max_image_mb * 1024 * 1024))
+        service = Service(index_dir, reranker, overrides, limits)
+    except (InputError, ConfigError, FileNotFoundError) as error:
+        _fail(error)
+    console.print(f"serving {index_dir} ({service.index.size} candidates) on http://{host}:{port}/")
+    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+
+
 @app.command("train-reranker")
 def train_reranker_command(
     recipe: Annotated[Path, typer.Argument(help="re-ranker recipe (YAML)")],

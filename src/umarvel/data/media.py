@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -62,6 +63,38 @@ def load_image(
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise InputError(label, f"image aspect ratio {width}x{height} exceeds {MAX_ASPECT_RATIO:.0f}:1")
     return fit_pixel_budget(image.convert("RGB"), max_pixels)
+
+
+def decode_image_bytes(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_source_pixels: int = 50_000_000,
+    where: str = "upload",
+) -> Image.Image:
+    """An RGB image within `max_pixels` from encoded bytes (an upload).
+
+    The header is read first: an image declaring more than `max_source_pixels` is refused before any
+    pixel is decoded.
+
+    Raises:
+        InputError: not an image, truncated, too large, or an extreme aspect ratio.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_source_pixels:
+                raise InputError(
+                    where, f"image of {width}x{height} pixels exceeds {max_source_pixels} pixels"
+                )
+            image.draft("RGB", _draft_size(image.size, max_pixels))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(where, "image is too large to decode safely") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise InputError(where, f"cannot read the image: {error}") from None
+    return load_image(image, max_pixels, where)
 
 
 def _draft_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:

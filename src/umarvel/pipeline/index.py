@@ -1,14 +1,19 @@
 """The `index` and `search` stages: embed a pool into a FAISS index folder, and query it.
 
-An index folder also keeps `candidates.jsonl` (did, txt, absolute img_path), so a re-ranker can read
-the candidates it judges without the original pool file.
+An index folder also keeps `candidates.jsonl` (did, txt, img_path) and the candidates' images under
+`media/` (hard links where the file system allows, else copies), so a re-ranker or a server reads
+nothing outside the index folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +24,23 @@ from umarvel.data.records import Candidate, Query
 from umarvel.retrieval.index import Index, SearchResult, embedder_fingerprint
 
 CANDIDATES_FILE = "candidates.jsonl"
+MEDIA_DIR = "media"
+
+
+def _keep_media(image: Path, folder: Path) -> str:
+    """Link (or copy) `image` into `folder/media/` under a content-derived name; returns the path
+    relative to `folder`."""
+    resolved = image.resolve()
+    name = hashlib.sha256(str(resolved).encode()).hexdigest()[:24] + resolved.suffix.lower()
+    target = folder / MEDIA_DIR / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(resolved, target)
+        except OSError:
+            shutil.copyfile(resolved, target)
+    return f"{MEDIA_DIR}/{name}"
+
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +75,7 @@ def build_index(
             {
                 "did": item.did,  # type: ignore[union-attr]
                 "txt": item.text,
-                "img_path": str(Path(item.image).resolve()) if item.image is not None else None,
+                "img_path": _keep_media(Path(item.image), out_dir) if item.image is not None else None,
             }
             for item in items
         ),
@@ -70,17 +92,59 @@ def build_index(
 
 def read_candidates(index_dir: str | Path, wanted: set[str]) -> dict[str, Candidate]:
     """The candidates `wanted` from an index folder's `candidates.jsonl`."""
-    path = Path(index_dir) / CANDIDATES_FILE
+    folder = Path(index_dir).resolve()
+    path = folder / CANDIDATES_FILE
     if not path.is_file():
         raise InputError(path, "this index has no candidates file (built before re-ranking support?)")
     found = {}
-    for _, record in read_jsonl(path):
+    for number, record in read_jsonl(path):
         if record["did"] in wanted:
-            image = record.get("img_path")
-            found[record["did"]] = Candidate(
-                did=record["did"], text=record.get("txt"), image=Path(image) if image else None
-            )
+            image = media_path(folder, record.get("img_path"), f"{path}:{number}")
+            found[record["did"]] = Candidate(did=record["did"], text=record.get("txt"), image=image)
     return found
+
+
+def media_path(folder: Path, relative: str | None, where: str) -> Path | None:
+    """The absolute path of a candidate image named in `candidates.jsonl`; it must lie inside the
+    index folder (an edited file cannot point the server elsewhere)."""
+    if not relative:
+        return None
+    resolved = (folder / relative).resolve()
+    if not resolved.is_relative_to(folder):
+        raise InputError(where, f"image path {relative!r} leaves the index folder")
+    return resolved
+
+
+def load_index_embedder(index_dir: str | Path, overrides: dict | None = None) -> tuple[Index, Any]:
+    """The index in `index_dir` and the embedder that built it (runtime `overrides` such as dtype)."""
+    from umarvel.modeling.embedder import Embedder
+
+    index = Index.load(index_dir)
+    settings = {key: value for key, value in index.embedder.items() if value is not None}
+    settings.update(overrides or {})
+    embedder = Embedder.from_pretrained(settings.pop("model"), **settings)
+    index.check_embedder(dataclasses.asdict(embedder.settings))
+    return index, embedder
+
+
+def rerank_hits(
+    ranker: Any,
+    query: Query,
+    ranked: list[tuple[str, float]],
+    records: dict[str, Candidate],
+    top: int,
+    weight: float,
+) -> list[tuple[str, float]]:
+    """U-MARVEL+ for one query: the first `top` hits re-scored cos + weight * P(Yes), then the rest."""
+    from umarvel.data.training import encode_item
+    from umarvel.evaluation.rerank import fuse
+    from umarvel.modeling.reranker import RerankPair
+
+    head = [d for d, _ in ranked[:top]]
+    pixels = ranker.settings.max_image_pixels
+    query_item = encode_item(query, pixels, with_instruction=True)
+    p_yes = ranker.score([RerankPair(query_item, encode_item(records[d], pixels, False)) for d in head])
+    return fuse(ranked, dict(zip(head, p_yes.tolist(), strict=True)), weight, top)
 
 
 def search_index(
@@ -98,33 +162,22 @@ def search_index(
 
     With `reranker`, the top `rerank_top` are re-scored cos + w * P(Yes) (U-MARVEL+) and re-sorted; w is
     `fusion_weight`, else the re-ranker's tuned weight, else 0.1."""
-    from umarvel.modeling.embedder import Embedder
-
-    index = Index.load(index_dir)
-    settings = {key: value for key, value in index.embedder.items() if value is not None}
-    settings.update(overrides or {})
-    embedder = Embedder.from_pretrained(settings.pop("model"), **settings)
-    index.check_embedder(dataclasses.asdict(embedder.settings))
+    index, embedder = load_index_embedder(index_dir, overrides)
     query = Query(
         qid="query", text=text, image=Path(image) if image is not None else None, instruction=instruction
     )
     vectors = embedder.encode_queries([query], progress=False)
     if reranker is None:
         return index.search(vectors, k)
-    from umarvel.data.training import encode_item
-    from umarvel.evaluation.rerank import DEFAULT_WEIGHT, fuse
-    from umarvel.modeling.reranker import Reranker, RerankPair
+    from umarvel.evaluation.rerank import DEFAULT_WEIGHT
+    from umarvel.modeling.reranker import Reranker
 
     found = index.search(vectors, max(k, rerank_top))
     ranked = [(d, float(s)) for d, s in zip(found.ids[0], found.scores[0], strict=True) if d]
     ranker = Reranker.from_pretrained(reranker)
     weight = fusion_weight if fusion_weight is not None else ranker.fusion.get("weight", DEFAULT_WEIGHT)
-    head = [d for d, _ in ranked[:rerank_top]]
-    records = read_candidates(index_dir, set(head))
-    pixels = ranker.settings.max_image_pixels
-    query_item = encode_item(query, pixels, with_instruction=True)
-    p_yes = ranker.score([RerankPair(query_item, encode_item(records[d], pixels, False)) for d in head])
-    fused = fuse(ranked, dict(zip(head, p_yes.tolist(), strict=True)), float(weight), rerank_top)[:k]
+    records = read_candidates(index_dir, {d for d, _ in ranked[:rerank_top]})
+    fused = rerank_hits(ranker, query, ranked, records, rerank_top, float(weight))[:k]
     return SearchResult(
         ids=[[d for d, _ in fused]], scores=np.array([[s for _, s in fused]], dtype=np.float32)
     )
