@@ -41,6 +41,9 @@ class EmbedderConfig:
         token_budget: when > 0, also cap a batch at this many padded tokens (estimated), so batches of
             short texts are large and batches of long ones small.
         loader_workers: processes that decode images while the model encodes (0: decode inline).
+    Video (mbeir-protocol.md 3):
+        video_frames: a fixed frame count per video (MSVD: 12); 0 samples `video_fps` frames a second.
+        video_fps / video_max_frames: 2 fps, clamped to [4, video_max_frames] (MSR-VTT).
     """
 
     model: str = "offline"
@@ -61,8 +64,13 @@ class EmbedderConfig:
     batch_size: int = 16
     token_budget: int = 0
     loader_workers: int = 0
+    video_frames: int = 0
+    video_fps: float = 2.0
+    video_max_frames: int = 768
 
     def __post_init__(self) -> None:
+        if self.video_frames < 0 or self.video_fps <= 0 or self.video_max_frames < 4:
+            raise ValueError("need video_frames >= 0, video_fps > 0 and video_max_frames >= 4")
         if not 0 < self.temperature_min <= self.temperature <= self.temperature_max:
             raise ValueError(
                 f"need 0 < temperature_min <= temperature <= temperature_max, got {self.temperature_min}, "

@@ -30,6 +30,7 @@ class EncodeItem:
     image: Image.Image | None = None
     instruction: str | None = None
     where: str | None = None  # "file:line" for error messages
+    video: tuple[Image.Image, ...] | None = None  # sampled frames, in time order
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Collator:
     Args:
         processor: the backbone's processor (a transformers processor or `ComposedProcessor`).
         nested_images: the processor wants one image list per sample (Idefics3 / SmolVLM).
+        native_video: the processor takes videos (Qwen-VL); otherwise a video enters as its frames,
+            one image placeholder each.
         mask_instruction: leave the instruction span out of the pooling mask.
         max_text_tokens: the item text (instruction included) is cut to this many tokens.
         format_text: apply M-BEIR's `format_string` to texts.
@@ -64,10 +67,12 @@ class Collator:
         mask_instruction: bool = True,
         max_text_tokens: int = 480,
         format_text: bool = True,
+        native_video: bool = False,
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.nested_images = nested_images
+        self.native_video = native_video
         self.mask_instruction = mask_instruction
         self.max_text_tokens = max_text_tokens
         self.format_text = format_text
@@ -76,7 +81,7 @@ class Collator:
         """The item's text and the number of leading characters that belong to the instruction."""
         text = (item.text or "").strip()
         instruction = (item.instruction or "").strip()
-        if not text and item.image is None:
+        if not text and item.image is None and not item.video:
             raise InputError(
                 item.where,
                 "empty item: no text and no image (an instruction alone is not something to retrieve with)",
@@ -98,6 +103,10 @@ class Collator:
         """Chat-template text for one item, and the instruction span counted from the string's end."""
         text, instruction_chars = self.compose_text(item)
         content: list[dict[str, str]] = []
+        if item.video:
+            content.extend(
+                [{"type": "video"}] if self.native_video else [{"type": "image"}] * len(item.video)
+            )
         if item.image is not None:
             content.append({"type": "image"})
         if text:
@@ -116,14 +125,14 @@ class Collator:
 
     def __call__(self, items: Sequence[EncodeItem]) -> EncodedBatch:
         rendered, spans = zip(*(self.render(item) for item in items), strict=True)
-        images = [item.image for item in items if item.image is not None]
+        per_item = [self._images(item) for item in items]
         kwargs: dict[str, Any] = {}
-        if images:
-            kwargs["images"] = (
-                [[item.image] if item.image is not None else [] for item in items]
-                if self.nested_images
-                else images
-            )
+        if any(per_item):
+            kwargs["images"] = per_item if self.nested_images else [im for ims in per_item for im in ims]
+        videos = [list(item.video) for item in items if item.video and self.native_video]
+        if videos:
+            kwargs["videos"] = videos
+            kwargs["do_sample_frames"] = False  # frames are already sampled (data/video.py)
         encoding = self.processor(
             text=list(rendered), padding=True, return_tensors="pt", return_offsets_mapping=True, **kwargs
         )
@@ -133,6 +142,11 @@ class Collator:
         if self.mask_instruction:
             pooling_mask &= ~self._instruction_mask(offsets, attention, spans)
         return EncodedBatch(dict(encoding), pooling_mask)
+
+    def _images(self, item: EncodeItem) -> list[Image.Image]:
+        """The item's images in placeholder order: video frames (when not native) come first."""
+        frames = list(item.video) if item.video and not self.native_video else []
+        return frames + ([item.image] if item.image is not None else [])
 
     @staticmethod
     def _instruction_mask(

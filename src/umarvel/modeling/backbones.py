@@ -40,6 +40,7 @@ class BackboneSpec:
         min_transformers: oldest transformers release whose classes we tested.
         bidirectional_validated: whether `set_attention_mode` is covered by tests for this family.
         nested_images: the processor wants one image list per sample rather than a flat list.
+        native_video: the processor and model take video input (else a video is fed as its frames).
         tiny: import path of a builder returning (model, processor) with random tiny weights.
         fp32_modules: submodules kept in float32 whatever the model dtype (small, precision-sensitive).
         lora_targets: names of the language model's linear layers that get LoRA adapters.
@@ -58,6 +59,7 @@ class BackboneSpec:
     nested_images: bool
     tiny: str
     fp32_modules: tuple[str, ...] = ()
+    native_video: bool = False
     lora_targets: tuple[str, ...] = (
         "q_proj",
         "k_proj",
@@ -92,6 +94,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             bidirectional_validated=True,
             nested_images=False,
             tiny="umarvel.modeling.tiny:build_tiny_qwen2_vl",
+            native_video=True,
         ),
         BackboneSpec(
             family="qwen2_5_vl",
@@ -106,6 +109,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             bidirectional_validated=True,
             nested_images=False,
             tiny="umarvel.modeling.tiny:build_tiny_qwen2_5_vl",
+            native_video=True,
         ),
         BackboneSpec(
             family="qwen3_vl",
@@ -120,6 +124,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             bidirectional_validated=True,
             nested_images=False,
             tiny="umarvel.modeling.tiny:build_tiny_qwen3_vl",
+            native_video=True,
         ),
         BackboneSpec(
             family="smolvlm",

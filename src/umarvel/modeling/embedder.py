@@ -89,6 +89,7 @@ class Embedder(nn.Module):
         self.collator = Collator(
             backbone.processor,
             nested_images=backbone.spec.nested_images,
+            native_video=backbone.spec.native_video,
             mask_instruction=config.mask_instruction,
             max_text_tokens=config.max_text_tokens,
             format_text=config.format_text,
@@ -198,15 +199,12 @@ class Embedder(nn.Module):
         base = Path(root) if root is not None else None
         text: str | None = None
         image: Any = None
+        video: Any = None
         if isinstance(value, Query):
-            text, image, where = value.text, value.image, value.source or where
+            text, image, video, where = value.text, value.image, value.video, value.source or where
             instruction = value.instruction if value.instruction is not None else instruction
-            if value.video is not None:
-                raise InputError(where, "video queries are not supported by this encoder")
         elif isinstance(value, Candidate):
-            text, image, where = value.text, value.image, value.source or where
-            if value.video is not None:
-                raise InputError(where, "video candidates are not supported by this encoder")
+            text, image, video, where = value.text, value.image, value.video, value.source or where
         elif isinstance(value, str):
             text = value
         elif isinstance(value, (Path, Image.Image)):
@@ -221,7 +219,23 @@ class Embedder(nn.Module):
         loaded = load_image(image, self.settings.max_image_pixels, where=where) if image is not None else None
         if text is not None and not isinstance(text, str):
             raise InputError(where, f"text must be a string, got {type(text).__name__}")
-        return EncodeItem(text=text, image=loaded, instruction=instruction, where=where)
+        frames = None
+        if video is not None:
+            from umarvel.data.video import load_video
+
+            if base is not None and not Path(video).is_absolute():
+                video = base / video
+            frames = tuple(
+                load_video(
+                    video,
+                    nframes=self.settings.video_frames,
+                    fps=self.settings.video_fps,
+                    max_frames=self.settings.video_max_frames,
+                    max_pixels=self.settings.max_image_pixels,
+                    where=where,
+                )
+            )
+        return EncodeItem(text=text, image=loaded, instruction=instruction, where=where, video=frames)
 
     @torch.no_grad()
     def encode_items(
@@ -313,7 +327,8 @@ def _token_estimate(item: EncodeItem) -> int:
     """Rough token count: about 3.5 characters a token, plus about one token per 28 x 28 pixels."""
     text = len(item.text or "") + len(item.instruction or "")
     image = item.image.width * item.image.height // 784 if item.image is not None else 0
-    return 16 + text * 2 // 7 + image
+    video = sum(f.width * f.height // 784 for f in item.video) if item.video else 0
+    return 16 + text * 2 // 7 + image + video
 
 
 class _Prepared(torch.utils.data.Dataset):

@@ -36,15 +36,23 @@ def read_items(path: str | Path, role: Role, image_root: str | Path | None = Non
         where = f"{path}:{number}"
         text = record.get("txt", record.get("query_txt"))
         image = record.get("img_path", record.get("query_img_path"))
+        video = record.get("video_path")
         modality = record.get("modality", record.get("query_modality"))
-        if modality is not None and modality not in ("text", "image", "image,text", "text,image"):
-            raise InputError(where, f"unsupported modality {modality!r} (text, image or image,text)")
+        if modality is not None and modality not in ("text", "image", "image,text", "text,image", "video"):
+            raise InputError(where, f"unsupported modality {modality!r} (text, image, image,text or video)")
         if text is not None and not isinstance(text, str):
             raise InputError(where, f"txt must be a string or null, got {type(text).__name__}")
         if image is not None and not isinstance(image, str):
             raise InputError(where, f"img_path must be a string or null, got {type(image).__name__}")
-        if (text is None or not text.strip()) and image is None:
-            raise InputError(where, "empty item: txt is empty and img_path is null")
+        if (text is None or not text.strip()) and image is None and video is None:
+            raise InputError(where, "empty item: txt is empty and img_path and video_path are null")
+        video_path = None
+        if video is not None:
+            if not isinstance(video, str):
+                raise InputError(where, f"video_path must be a string or null, got {type(video).__name__}")
+            video_path = Path(video) if Path(video).is_absolute() else root / video
+            if not video_path.is_file():
+                raise InputError(where, f"video not found: {video_path}")
         image_path = None
         if image is not None:
             image_path = Path(image) if Path(image).is_absolute() else root / image
@@ -54,10 +62,19 @@ def read_items(path: str | Path, role: Role, image_root: str | Path | None = Non
         instruction = record.get("instruction")
         if role == "query":
             items.append(
-                Query(qid=identifier, text=text, image=image_path, instruction=instruction, source=where)
+                Query(
+                    qid=identifier,
+                    text=text,
+                    image=image_path,
+                    video=video_path,
+                    instruction=instruction,
+                    source=where,
+                )
             )
         else:
-            items.append(Candidate(did=identifier, text=text, image=image_path, source=where))
+            items.append(
+                Candidate(did=identifier, text=text, image=image_path, video=video_path, source=where)
+            )
     if not items:
         raise InputError(path, "no items in file")
     return items

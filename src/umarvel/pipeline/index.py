@@ -76,6 +76,7 @@ def build_index(
                 "did": item.did,  # type: ignore[union-attr]
                 "txt": item.text,
                 "img_path": _keep_media(Path(item.image), out_dir) if item.image is not None else None,
+                "video_path": _keep_media(Path(item.video), out_dir) if item.video is not None else None,
             }
             for item in items
         ),
@@ -99,8 +100,13 @@ def read_candidates(index_dir: str | Path, wanted: set[str]) -> dict[str, Candid
     found = {}
     for number, record in read_jsonl(path):
         if record["did"] in wanted:
-            image = media_path(folder, record.get("img_path"), f"{path}:{number}")
-            found[record["did"]] = Candidate(did=record["did"], text=record.get("txt"), image=image)
+            where = f"{path}:{number}"
+            found[record["did"]] = Candidate(
+                did=record["did"],
+                text=record.get("txt"),
+                image=media_path(folder, record.get("img_path"), where),
+                video=media_path(folder, record.get("video_path"), where),
+            )
     return found
 
 

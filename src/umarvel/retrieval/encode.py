@@ -42,11 +42,14 @@ def _image_signature(image: object) -> str:
 
 
 def item_key(item: Item, role: Role, instruction: str | None, fingerprint: str) -> str:
-    """Content address of one embedding: embedder settings, role, instruction, text and image file."""
+    """Content address of one embedding: embedder settings, role, instruction, text, image and video file."""
     own = item.instruction if isinstance(item, Query) and item.instruction is not None else instruction
     if role == "candidate":
         own = None
-    payload = json.dumps([fingerprint, role, own, item.text, _image_signature(item.image)])
+    parts = [fingerprint, role, own, item.text, _image_signature(item.image)]
+    if item.video is not None:  # appended only for videos, so keys of existing image/text caches hold
+        parts.append(_image_signature(item.video))
+    payload = json.dumps(parts)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

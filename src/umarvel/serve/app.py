@@ -128,8 +128,13 @@ class Service:
             raise InputError(path, "the index folder has no candidates.jsonl; rebuild it with umarvel index")
         self.candidates: dict[str, Candidate] = {}
         for number, record in read_jsonl(path):
-            image = media_path(self.folder, record.get("img_path"), f"{path}:{number}")
-            self.candidates[record["did"]] = Candidate(did=record["did"], text=record.get("txt"), image=image)
+            where = f"{path}:{number}"
+            self.candidates[record["did"]] = Candidate(
+                did=record["did"],
+                text=record.get("txt"),
+                image=media_path(self.folder, record.get("img_path"), where),
+                video=media_path(self.folder, record.get("video_path"), where),
+            )
         self.reranker = None
         self.fusion_weight: float | None = None
         if reranker is not None:
