@@ -372,6 +372,40 @@ def _load_reranker(name: str, weight: float | None) -> tuple[Any, float]:
     return ranker, float(weight)
 
 
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    suite: Annotated[
+        str,
+        typer.Option(
+            help="flickr30k | coco | sharegpt4v | urban1k | circo | genecis | visdial | "
+            "mtfiq | ccneg | sugarcrepe | msrvtt | msvd"
+        ),
+    ],
+    root: Annotated[Path, typer.Option(help="the folder holding the suite's native layout")],
+    model: Annotated[str, typer.Option(help="offline | tiny:<family> | hub id | checkpoint folder")],
+    out: Annotated[Path, typer.Option(help="output folder (results.json, results.md, manifest.json)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """A zero-shot benchmark in its native layout (mbeir-protocol.md section 3)."""
+    from umarvel.config.manifest import write_manifest
+    from umarvel.data.io import write_json
+    from umarvel.evaluation.zeroshot import evaluate_zeroshot, render_zeroshot
+    from umarvel.modeling.embedder import Embedder
+
+    try:
+        config = _embedder_config(model, set_)
+        results = evaluate_zeroshot(Embedder.from_config(config), suite, root)
+    except (InputError, ConfigError) as error:
+        _fail(error)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(render_zeroshot(results) + "\n")
+    write_manifest(
+        out, "eval zeroshot", config, inputs={"root": root}, extra={"suite": suite, "results": results}
+    )
+    Console().print(render_zeroshot(results))
+
+
 @eval_app.command("runs")
 def eval_runs(
     root: Annotated[Path, typer.Option(help="the M-BEIR folder (qrels)")],

@@ -31,6 +31,7 @@ class EncodeItem:
     instruction: str | None = None
     where: str | None = None  # "file:line" for error messages
     video: tuple[Image.Image, ...] | None = None  # sampled frames, in time order
+    images: tuple[Image.Image, ...] = ()  # earlier images of a multi-image query, before `image`
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Collator:
         """The item's text and the number of leading characters that belong to the instruction."""
         text = (item.text or "").strip()
         instruction = (item.instruction or "").strip()
-        if not text and item.image is None and not item.video:
+        if not text and item.image is None and not item.video and not item.images:
             raise InputError(
                 item.where,
                 "empty item: no text and no image (an instruction alone is not something to retrieve with)",
@@ -107,6 +108,7 @@ class Collator:
             content.extend(
                 [{"type": "video"}] if self.native_video else [{"type": "image"}] * len(item.video)
             )
+        content.extend([{"type": "image"}] * len(item.images))
         if item.image is not None:
             content.append({"type": "image"})
         if text:
@@ -146,7 +148,7 @@ class Collator:
     def _images(self, item: EncodeItem) -> list[Image.Image]:
         """The item's images in placeholder order: video frames (when not native) come first."""
         frames = list(item.video) if item.video and not self.native_video else []
-        return frames + ([item.image] if item.image is not None else [])
+        return frames + list(item.images) + ([item.image] if item.image is not None else [])
 
     @staticmethod
     def _instruction_mask(

@@ -50,6 +50,7 @@ class Query:
     negatives: tuple[str, ...] = ()
     task_id: int | None = None
     source: str | None = None  # "file:line" the record came from, for error messages
+    images: tuple[str | Path, ...] = ()  # earlier images of a multi-image query, before `image`
 
     @property
     def modality(self) -> Modality:

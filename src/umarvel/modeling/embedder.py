@@ -200,8 +200,10 @@ class Embedder(nn.Module):
         text: str | None = None
         image: Any = None
         video: Any = None
+        extra: tuple = ()
         if isinstance(value, Query):
             text, image, video, where = value.text, value.image, value.video, value.source or where
+            extra = value.images
             instruction = value.instruction if value.instruction is not None else instruction
         elif isinstance(value, Candidate):
             text, image, video, where = value.text, value.image, value.video, value.source or where
@@ -235,7 +237,17 @@ class Embedder(nn.Module):
                     where=where,
                 )
             )
-        return EncodeItem(text=text, image=loaded, instruction=instruction, where=where, video=frames)
+        earlier = tuple(
+            load_image(
+                base / p if base is not None and not Path(p).is_absolute() else p,
+                self.settings.max_image_pixels,
+                where=where,
+            )
+            for p in extra
+        )
+        return EncodeItem(
+            text=text, image=loaded, instruction=instruction, where=where, video=frames, images=earlier
+        )
 
     @torch.no_grad()
     def encode_items(
@@ -327,7 +339,7 @@ def _token_estimate(item: EncodeItem) -> int:
     """Rough token count: about 3.5 characters a token, plus about one token per 28 x 28 pixels."""
     text = len(item.text or "") + len(item.instruction or "")
     image = item.image.width * item.image.height // 784 if item.image is not None else 0
-    video = sum(f.width * f.height // 784 for f in item.video) if item.video else 0
+    video = sum(f.width * f.height // 784 for f in (*(item.video or ()), *item.images))
     return 16 + text * 2 // 7 + image + video
 
 

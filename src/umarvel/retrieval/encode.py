@@ -47,8 +47,11 @@ def item_key(item: Item, role: Role, instruction: str | None, fingerprint: str) 
     if role == "candidate":
         own = None
     parts = [fingerprint, role, own, item.text, _image_signature(item.image)]
-    if item.video is not None:  # appended only for videos, so keys of existing image/text caches hold
+    # Appended only when present, so the keys of existing image/text caches hold.
+    if item.video is not None:
         parts.append(_image_signature(item.video))
+    if isinstance(item, Query) and item.images:
+        parts.append([_image_signature(p) for p in item.images])
     payload = json.dumps(parts)
     return hashlib.sha256(payload.encode()).hexdigest()
 
