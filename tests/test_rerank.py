@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +317,76 @@ def test_search_with_a_reranker_at_weight_zero_keeps_the_index_order_and_reads_t
     assert zero.ids == plain.ids
     assert sorted(heavy.ids[0]) == sorted(r["did"] for r in rows)
     assert list(heavy.scores[0]) == sorted(heavy.scores[0], reverse=True)
+
+
+def test_the_cli_tunes_on_val_stores_the_weight_and_eval_uses_it(
+    chain: dict[str, Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from umarvel.cli import app
+
+    root, r1 = chain["root"], tmp_path / "r1"
+    shutil.copytree(chain["r1"], r1)
+    runner = CliRunner()
+    refused = runner.invoke(
+        app,
+        [
+            "tune-fusion",
+            "--model",
+            "tiny:qwen2_vl",
+            "--reranker",
+            str(r1),
+            "--root",
+            str(root),
+            "--out",
+            str(tmp_path / "t"),
+            "--split",
+            "test",
+        ],
+    )
+    assert refused.exit_code == 2 and "refuses the test split" in refused.output
+    tuned = runner.invoke(
+        app,
+        [
+            "tune-fusion",
+            "--model",
+            "tiny:qwen2_vl",
+            "--reranker",
+            str(r1),
+            "--root",
+            str(root),
+            "--out",
+            str(tmp_path / "t"),
+            "--rerank-top",
+            "5",
+            "--grid",
+            "0.0",
+            "--grid",
+            "0.5",
+        ],
+    )
+    assert tuned.exit_code == 0, tuned.output
+    stored = json.loads((r1 / "reranker.json").read_text())["fusion"]
+    assert stored["split"] == "val" and stored["weight"] in (0.0, 0.5)
+    evaluated = runner.invoke(
+        app,
+        [
+            "eval",
+            "mbeir",
+            "--model",
+            "tiny:qwen2_vl",
+            "--root",
+            str(root),
+            "--out",
+            str(tmp_path / "e"),
+            "--reranker",
+            str(r1),
+            "--rerank-top",
+            "5",
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    manifest = json.loads((tmp_path / "e" / "rerank" / "manifest.json").read_text())
+    assert manifest["fusion_weight"] == stored["weight"]
+    assert (tmp_path / "e" / "rerank" / "results.json").is_file()
