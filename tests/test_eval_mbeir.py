@@ -101,3 +101,18 @@ def test_eval_mbeir_runs_end_to_end_on_the_mini_fixture(mini_mbeir: Path, tmp_pa
     runs = sorted(p.name for p in (tmp_path / "eval" / "runs").iterdir())
     assert len(runs) == 32 and "mbeir_mscoco_task0_union_pool_test_k50_run.txt" in runs
     assert (tmp_path / "eval" / "mbeir_results.tsv").read_text().startswith("TaskID\tTask\tDataset")
+
+
+def test_the_stage_table_puts_runs_side_by_side_with_their_averages(tmp_path: Path) -> None:
+    from umarvel.evaluation.mbeir import compare_results, plot_comparison
+
+    for name, value in (("a", 10.0), ("b", 30.0)):
+        row = {"dataset": "mscoco", "task_id": 0, "metric": "Recall@5", "local": value, "global": value / 2}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(
+            json.dumps({"rows": [row], "average": {"local": value, "global": value / 2}})
+        )
+    markdown, table = compare_results([("A", tmp_path / "a"), ("B", tmp_path / "b")])
+    assert "| mscoco_task0 | R@5 | 10.00 | 5.00 | 30.00 | 15.00 |" in markdown
+    assert table["average"]["B"] == {"local": 30.0, "global": 15.0}
+    assert plot_comparison(table, tmp_path / "t.png").is_file()

@@ -406,6 +406,29 @@ def eval_zeroshot(
     Console().print(render_zeroshot(results))
 
 
+@eval_app.command("table")
+def eval_table(
+    run: Annotated[list[str], typer.Option(help="NAME=FOLDER of an eval mbeir output; repeatable, in order")],
+    out: Annotated[Path, typer.Option(help="output stem: writes OUT.md, OUT.json and OUT.png")],
+) -> None:
+    """Put several M-BEIR evaluations side by side (e.g. one per pipeline stage), with a bar chart."""
+    from umarvel.data.io import write_json
+    from umarvel.evaluation.mbeir import compare_results, plot_comparison
+
+    pairs = []
+    for item in run:
+        name, sep, folder = item.partition("=")
+        if not sep or not (Path(folder) / "results.json").is_file():
+            _fail(ConfigError(f"--run {item!r} must be NAME=FOLDER with a results.json in FOLDER"))
+        pairs.append((name, Path(folder)))
+    markdown, table = compare_results(pairs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    write_json(out.with_suffix(".json"), table)
+    plot_comparison(table, out.with_suffix(".png"))
+    Console().print(markdown)
+
+
 @eval_app.command("runs")
 def eval_runs(
     root: Annotated[Path, typer.Option(help="the M-BEIR folder (qrels)")],

@@ -338,3 +338,64 @@ def evaluate_mbeir(
     write_results(scores, out_dir, split)
     (Path(out_dir) / "results.md").write_text(render_table(scores) + "\n")
     return scores
+
+
+def compare_results(runs: Sequence[tuple[str, Path]]) -> tuple[str, dict[str, Any]]:
+    """A markdown table of several `results.json` side by side (one column pair per run: local and
+    global headline recall per row, then the averages) and the same data as a dict."""
+    import json
+
+    loaded = {name: json.loads((Path(folder) / "results.json").read_text()) for name, folder in runs}
+    rows: list[tuple[str, str]] = []
+    for result in loaded.values():
+        for row in result["rows"]:
+            key = (f"{row['dataset']}_task{row['task_id']}", row["metric"].replace("Recall", "R"))
+            if key not in rows:
+                rows.append(key)
+    header = "| row | metric | " + " | ".join(f"{n} local | {n} global" for n, _ in runs) + " |"
+    lines = [header, "|" + "---|" * (2 + 2 * len(runs))]
+    table: dict[str, Any] = {"rows": {}, "average": {}}
+    for name, metric in rows:
+        cells = []
+        for run, _ in runs:
+            found = next(
+                (r for r in loaded[run]["rows"] if f"{r['dataset']}_task{r['task_id']}" == name), None
+            )
+            values = (found or {}).get("local"), (found or {}).get("global")
+            table["rows"].setdefault(name, {})[run] = values
+            cells.extend("-" if v is None else f"{v:.2f}" for v in values)
+        lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+    averages = []
+    for run, _ in runs:
+        average = loaded[run]["average"]
+        table["average"][run] = average
+        averages.extend(
+            "-" if average.get(s) is None else f"**{average[s]:.2f}**" for s in ("local", "global")
+        )
+    lines.append("| **average** | | " + " | ".join(averages) + " |")
+    return "\n".join(lines), table
+
+
+def plot_comparison(table: dict[str, Any], path: Path) -> Path | None:
+    """Local and global averages per run as a grouped bar chart (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = list(table["average"])
+    local = [table["average"][r].get("local") or 0 for r in runs]
+    global_ = [table["average"][r].get("global") or 0 for r in runs]
+    positions = np.arange(len(runs))
+    figure, axis = plt.subplots(figsize=(max(5, 1.3 * len(runs)), 3.6))
+    axis.bar(positions - 0.2, local, 0.4, label="local pools")
+    axis.bar(positions + 0.2, global_, 0.4, label="global pool")
+    axis.set_xticks(positions, runs, rotation=20, ha="right")
+    axis.set(ylabel="average headline recall (%)", title="M-BEIR-format benchmark by stage")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
