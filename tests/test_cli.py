@@ -100,3 +100,16 @@ def test_make_mini_mbeir_writes_the_tree_and_a_manifest(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "M-BEIR" / "manifest.json").read_text())
     assert manifest["command"] == "make-mini-mbeir"
     assert (tmp_path / "M-BEIR" / "instructions" / "query_instructions.tsv").is_file()
+
+
+def test_a_checkpoint_keeps_its_embedding_definition_unless_overridden(tmp_path: Path) -> None:
+    from umarvel.cli import _embedder_config
+    from umarvel.modeling.embedder import Embedder
+
+    Embedder.from_pretrained("tiny:qwen2_vl", pooling="last_token", dtype="bfloat16").save_pretrained(
+        tmp_path / "m"
+    )
+    config = _embedder_config(str(tmp_path / "m"), None)
+    assert config.pooling == "last_token"  # the definition is kept
+    assert config.dtype == "float32"  # runtime knobs take the command's defaults
+    assert _embedder_config(str(tmp_path / "m"), ["pooling=mean"]).pooling == "mean"

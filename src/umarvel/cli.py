@@ -52,8 +52,24 @@ def _fail(error: Exception) -> None:
 
 
 def _embedder_config(model: str, overrides: list[str] | None, recipe: Path | None = None) -> EmbedderConfig:
+    """Defaults, then the recipe, then `--set` overrides; a checkpoint folder's embedding definition
+    (attention, pooling, instruction masking, ...) is kept unless overridden explicitly. Runtime knobs
+    (dtype, batch size, image budget, ...) stay at the command's defaults."""
+    import json
+
+    from umarvel.config.schema import DEFINITION_FIELDS
+    from umarvel.modeling.embedder import EMBEDDER_FILE
+
     config = load_config(recipe, [f"embedder.{o}" for o in overrides or []]).embedder
-    return from_dict(EmbedderConfig, {**vars(config), "model": model})
+    explicit = {o.split("=", 1)[0].strip() for o in overrides or []}
+    if recipe is not None:
+        import yaml
+
+        explicit |= set((yaml.safe_load(Path(recipe).read_text()) or {}).get("embedder", {}) or {})
+    saved_file = Path(model) / EMBEDDER_FILE
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    kept = {k: v for k, v in saved.items() if k in DEFINITION_FIELDS and k not in explicit}
+    return from_dict(EmbedderConfig, {**vars(config), **kept, "model": model})
 
 
 @app.command()

@@ -16,6 +16,21 @@ TrainableModule = Literal["vision", "projector"]
 LossKind = Literal["infonce", "distill"]
 
 
+# What defines an embedding space (kept from a checkpoint unless overridden), as opposed to runtime knobs.
+DEFINITION_FIELDS = (
+    "visual_tokens",
+    "attention",
+    "pooling",
+    "mask_instruction",
+    "normalize",
+    "format_text",
+    "temperature",
+    "learnable_temperature",
+    "temperature_min",
+    "temperature_max",
+)
+
+
 @dataclass(frozen=True)
 class EmbedderConfig:
     """How a backbone becomes an embedder.
