@@ -292,7 +292,7 @@ def test_loaders_map_captions_targets_and_galleries_as_the_protocol_says(tmp_pat
     _msvd(tmp_path)
     (msvd,) = SUITES["msvd"](tmp_path)
     assert [q.text for q in msvd.queries] == ["a man sings", "someone sings", "a cat"]
-    assert msvd.relevant == [[0], [0], [1]] and msvd.video_frames == 12  # type: ignore[attr-defined]
+    assert msvd.relevant == [[0], [0], [1]] and msvd.video_frames == 12
 
 
 def test_hit_rate_and_map_match_hand_computed_values() -> None:

@@ -680,15 +680,20 @@ def tune_fusion_command(
         )
     except (InputError, ConfigError, ValueError) as error:
         _fail(error)
-    ranker.fusion = {**choice, "retriever": model}
-    ranker.write_settings(Path(reranker))
-    write_manifest(out, "tune-fusion", config, inputs={"mbeir_root": root}, extra={"fusion": ranker.fusion})
+    from umarvel.modeling.reranker import store_fusion
+
+    fusion = {**choice, "retriever": model}
+    try:
+        store_fusion(reranker, fusion)
+    except InputError as error:
+        _fail(error)
+    write_manifest(out, "tune-fusion", config, inputs={"mbeir_root": root}, extra={"fusion": fusion})
     write_manifest(
         Path(reranker),
         "tune-fusion",
         config,
         inputs={"mbeir_root": root},
-        extra={"fusion": ranker.fusion},
+        extra={"fusion": fusion},
         filename="fusion_manifest.json",
     )
     table = Table(title=f"fusion weight on {split} (mean of local and global averages)")

@@ -73,6 +73,8 @@ class Matched:
     ks: tuple[int, ...] = (1, 5, 10)
     metric: Literal["recall", "map"] = "recall"
     reverse_label: str | None = None
+    candidate_instruction: str | None = None  # candidates encoded as queries with this (Urban-1K)
+    video_frames: int = 0  # a fixed frame count for video candidates (MSVD: 12); 0 keeps the embedder's
 
 
 @dataclass
@@ -122,13 +124,20 @@ def _captions_to_images(
     image_of_caption: list[int],
     text_instruction: str | None = T2I,
     image_instruction: str | None = None,
+    reverse: bool = True,
 ) -> Matched:
-    """T2I rows plus I2T from the transpose: captions are queries, images candidates."""
+    """T2I rows plus, with `reverse`, I2T from the transpose: captions are queries, images candidates."""
     queries = [Query(qid=f"t{i}", text=c, instruction=text_instruction) for i, c in enumerate(captions)]
     candidates = [Candidate(did=f"i{j}", image=p) for j, p in enumerate(images)]
-    task = Matched(name, queries, candidates, [[j] for j in image_of_caption], "T2I", reverse_label="I2T")
-    task.image_instruction = image_instruction  # type: ignore[attr-defined]
-    return task
+    return Matched(
+        name,
+        queries,
+        candidates,
+        [[j] for j in image_of_caption],
+        "T2I",
+        reverse_label="I2T" if reverse else None,
+        candidate_instruction=image_instruction,
+    )
 
 
 # ---- loaders, one per suite ---------------------------------------------------------------------------
@@ -202,9 +211,11 @@ def load_visdial(root: Path) -> list[Task]:
         texts.append(" ".join(turns))
         name = f"VisualDialog_val2018_{dialog['image_id']:012d}.jpg"
         images.append(_need(root / "visdial" / "VisualDialog_val2018" / name))
-    task = _captions_to_images("visdial", images, texts, list(range(len(texts))), text_instruction=VISDIAL)
-    task.reverse_label = None
-    return [task]
+    return [
+        _captions_to_images(
+            "visdial", images, texts, list(range(len(texts))), text_instruction=VISDIAL, reverse=False
+        )
+    ]
 
 
 def load_circo(root: Path, split: str = "val") -> list[Task]:
@@ -405,9 +416,7 @@ def load_msvd(root: Path) -> list[Task]:
         for number, tokens in enumerate(captions[video]):
             queries.append(Query(qid=f"{video}:{number}", text=" ".join(tokens), instruction=T2V))
             relevant.append([column])
-    task = Matched("msvd", queries, candidates, relevant, "T2V")
-    task.video_frames = 12  # type: ignore[attr-defined]
-    return [task]
+    return [Matched("msvd", queries, candidates, relevant, "T2V", video_frames=12)]
 
 
 SUITES: dict[str, Callable[[Path], list[Task]]] = {

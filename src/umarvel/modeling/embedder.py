@@ -126,6 +126,11 @@ class Embedder(nn.Module):
             config.model, **{k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
         )
 
+    def with_settings(self, **changes: Any) -> Embedder:
+        """Another embedder over the same backbone with other runtime settings (e.g. `video_frames`);
+        this one is left as it is."""
+        return Embedder(self.backbone, dataclasses.replace(self.settings, **changes))
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.backbone.save(directory)

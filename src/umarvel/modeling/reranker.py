@@ -163,9 +163,16 @@ class Reranker(nn.Module):
         backbone: any registered family; its language model is set to causal attention.
         config: the re-ranker settings.
         head: the untied output embedding (V, H), or None to use the tied input embeddings.
+        fusion: the U-MARVEL+ fusion choice stored with it by `tune-fusion` ({} when never tuned).
     """
 
-    def __init__(self, backbone: Backbone, config: RerankerConfig, head: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: RerankerConfig,
+        head: torch.Tensor | None = None,
+        fusion: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.settings = config
         self.backbone = backbone
@@ -176,7 +183,7 @@ class Reranker(nn.Module):
             backbone.processor, backbone.spec.nested_images, config.max_text_tokens, config.format_text
         )
         self.yes_id, self.no_id = answer_token_ids(backbone.processor.tokenizer)
-        self.fusion: dict[str, Any] = {}
+        self.fusion: dict[str, Any] = dict(fusion or {})
 
     @classmethod
     def from_pretrained(cls, model: str, **overrides: Any) -> Reranker:
@@ -196,9 +203,7 @@ class Reranker(nn.Module):
             head = None
         else:
             head = _hub_lm_head(model)
-        reranker = cls(backbone, config, None if head is None else head.to(dtype))
-        reranker.fusion = fusion
-        return reranker
+        return cls(backbone, config, None if head is None else head.to(dtype), fusion)
 
     @classmethod
     def from_config(cls, config: RerankerConfig) -> Reranker:
@@ -210,9 +215,6 @@ class Reranker(nn.Module):
         self.backbone.save(directory)
         if self.head is not None:
             save_file({"weight": self.head.detach().cpu().contiguous()}, directory / HEAD_FILE)
-        self.write_settings(directory)
-
-    def write_settings(self, directory: Path) -> None:
         settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "model"}
         settings["fusion"] = self.fusion
         (directory / RERANKER_FILE).write_text(json.dumps(settings, indent=2))
@@ -252,3 +254,13 @@ class Reranker(nn.Module):
         """P(Yes) for every pair, (N,) float32."""
         parts = list(self.iter_scores(pairs, batch_size))
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, dtype=np.float32)
+
+
+def store_fusion(directory: str | Path, fusion: dict[str, Any]) -> None:
+    """Record a tuned fusion choice in a saved re-ranker's settings file."""
+    path = Path(directory) / RERANKER_FILE
+    if not path.is_file():
+        raise InputError(path, "not a saved re-ranker folder (no reranker.json)")
+    settings = json.loads(path.read_text())
+    settings["fusion"] = fusion
+    path.write_text(json.dumps(settings, indent=2))
