@@ -541,6 +541,25 @@ def _run_suite(
 
 
 @app.command()
+def quickstart(
+    output_dir: Annotated[Path, typer.Option(help="where everything goes (rerun to resume)")] = Path(
+        "runs/quickstart"
+    ),
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="one step per stage on a tiny model (wiring check)")
+    ] = False,
+) -> None:
+    """The whole U-MARVEL recipe at small scale, offline, on data shipped with umarvel: every stage,
+    a table of metrics per stage, a chart, and an index for `umarvel search` / `umarvel serve`."""
+    from umarvel.quickstart.run import run_quickstart
+
+    try:
+        run_quickstart(output_dir, "smoke" if smoke else "full", console=Console())
+    except (InputError, ConfigError) as error:
+        _fail(error)
+
+
+@app.command()
 def serve(
     index_dir: Annotated[Path, typer.Argument(help="an index folder written by `umarvel index`")],
     reranker: Annotated[str | None, typer.Option(help="a re-ranker for rerank=true requests")] = None,

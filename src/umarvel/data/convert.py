@@ -299,7 +299,15 @@ def _clothing(folder: Path, bench: _Bench, same: Row, modify: Row, rng: random.R
             bench.query(modify, split, text, f"{prefixes['fashioniq']}/{image}", targets[target])
 
 
-def _write(bench: _Bench, rows: dict[tuple[str, int], Row], max_queries: int, rng: random.Random) -> None:
+def _write(
+    bench: _Bench,
+    rows: dict[tuple[str, int], Row],
+    max_queries: int,
+    rng: random.Random,
+    readme: tuple[str, dict[tuple[str, int], str], str] | None = None,
+) -> None:
+    """Write queries, pools, qrels, instructions and README; `readme` is (title, row notes, licences)
+    for benchmarks other than make-benchmark's."""
     root = bench.root
     union_pools: dict[str, list[dict]] = defaultdict(list)
     train_by_dataset: dict[str, list[dict]] = defaultdict(list)
@@ -346,15 +354,25 @@ def _write(bench: _Bench, rows: dict[tuple[str, int], Row], max_queries: int, rn
         root / "instructions" / "query_instructions.tsv",
         [(row, INSTRUCTIONS[key]) for key, row in rows.items()],
     )
-    _write_readme(root, bench, rows)
+    _write_readme(root, bench, rows, readme)
 
 
-def _write_readme(root: Path, bench: _Bench, rows: dict[tuple[str, int], Row]) -> None:
+def _write_readme(
+    root: Path,
+    bench: _Bench,
+    rows: dict[tuple[str, int], Row],
+    readme: tuple[str, dict[tuple[str, int], str], str] | None = None,
+) -> None:
+    title, notes, licences = readme or (
+        "# M-BEIR-format benchmark built from ../shared/data\n\nBuilt by `umarvel make-benchmark`.",
+        ROW_NOTES,
+        "Licences: Flickr8k research use only; COCO captions CC BY 4.0; clothing-small CC0;\n"
+        "SciFact claims CC BY 4.0, abstracts ODC-By. Not for redistribution beyond these terms.",
+    )
     lines = [
-        "# M-BEIR-format benchmark built from ../shared/data",
-        "",
-        "Built by `umarvel make-benchmark`. Same layout and file formats as M-BEIR; the rows occupy the",
-        "M-BEIR dataset slots whose tasks they resemble. Images are symlinks into the shared data folder.",
+        title,
+        "Same layout and file formats as M-BEIR; the rows occupy the M-BEIR dataset slots whose tasks",
+        "they resemble. Images are symlinks into the source data folder.",
         "",
         "| row | task | source | queries train/val/test | pool val+test |",
         "|---|---|---|---|---|",
@@ -363,15 +381,12 @@ def _write_readme(root: Path, bench: _Bench, rows: dict[tuple[str, int], Row]) -
         q_mod, c_mod = TASKS[row.task_id]
         counts = "/".join(str(len(bench.queries[(row, s)])) for s in SPLITS)
         pool = len(bench.pools[(row, "val")]) + len(bench.pools[(row, "test")])
-        lines.append(
-            f"| {row.name} | {q_mod.value} -> {c_mod.value} | {ROW_NOTES[key]} | {counts} | {pool} |"
-        )
+        lines.append(f"| {row.name} | {q_mod.value} -> {c_mod.value} | {notes[key]} | {counts} | {pool} |")
     lines += [
         "",
-        "Task type 8 (image,text -> image,text) is absent: no honest pairing exists in this data.",
+        "Task types without a row here have no honest pairing in this data.",
         "Query counts above are before the per-row cap (see the query files).",
-        "Licences: Flickr8k research use only; COCO captions CC BY 4.0; clothing-small CC0;",
-        "SciFact claims CC BY 4.0, abstracts ODC-By. Not for redistribution beyond these terms.",
+        licences,
     ]
     (root / "README.md").write_text("\n".join(lines) + "\n")
 

@@ -399,3 +399,23 @@ def plot_comparison(table: dict[str, Any], path: Path) -> Path | None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def render_stage_rows(table: dict[str, Any]) -> str:
+    """The `compare_results` data with one line per run (stage): each row's local / global headline
+    recall, then the averages; narrower than the side-by-side table when there are many runs."""
+    rows = list(table["rows"])
+    header = (
+        "| stage | "
+        + " | ".join(f"{r} (local / global)" for r in rows)
+        + " | average local | average global |"
+    )
+    lines = [header, "|" + "---|" * (3 + len(rows))]
+    for run, average in table["average"].items():
+        cells = []
+        for row in rows:
+            local, global_ = table["rows"][row].get(run, (None, None))
+            cells.append(" / ".join("-" if v is None else f"{v:.1f}" for v in (local, global_)))
+        values = ["-" if average.get(s) is None else f"**{average[s]:.2f}**" for s in ("local", "global")]
+        lines.append(f"| {run} | " + " | ".join(cells) + " | " + " | ".join(values) + " |")
+    return "\n".join(lines)
