@@ -47,7 +47,7 @@ class QuickstartScale:
 
 
 SCALES = {
-    "full": QuickstartScale("offline", 8, 10, 12, 8, 12, 6, 16, 0.5, 8, 5),
+    "full": QuickstartScale("offline", 8, 10, 12, 8, 12, 6, 16, 0.5, 8, 3),
     "smoke": QuickstartScale("tiny:composed", 1, 1, 1, 1, 1, 1, 4, 0.2, 4, 3),
 }
 
