@@ -329,43 +329,11 @@ def test_the_cli_tunes_on_val_stores_the_weight_and_eval_uses_it(
     root, r1 = chain["root"], tmp_path / "r1"
     shutil.copytree(chain["r1"], r1)
     runner = CliRunner()
-    refused = runner.invoke(
-        app,
-        [
-            "tune-fusion",
-            "--model",
-            "tiny:qwen2_vl",
-            "--reranker",
-            str(r1),
-            "--root",
-            str(root),
-            "--out",
-            str(tmp_path / "t"),
-            "--split",
-            "test",
-        ],
-    )
+    tune = ["tune-fusion", "--model", "tiny:qwen2_vl", "--reranker", str(r1), "--root", str(root)]
+    tune += ["--out", str(tmp_path / "t")]
+    refused = runner.invoke(app, [*tune, "--split", "test"])
     assert refused.exit_code == 2 and "refuses the test split" in refused.output
-    tuned = runner.invoke(
-        app,
-        [
-            "tune-fusion",
-            "--model",
-            "tiny:qwen2_vl",
-            "--reranker",
-            str(r1),
-            "--root",
-            str(root),
-            "--out",
-            str(tmp_path / "t"),
-            "--rerank-top",
-            "5",
-            "--grid",
-            "0.0",
-            "--grid",
-            "0.5",
-        ],
-    )
+    tuned = runner.invoke(app, [*tune, "--rerank-top", "5", "--grid", "0.0", "--grid", "0.5"])
     assert tuned.exit_code == 0, tuned.output
     stored = json.loads((r1 / "reranker.json").read_text())["fusion"]
     assert stored["split"] == "val" and stored["weight"] in (0.0, 0.5)
