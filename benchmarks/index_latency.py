@@ -1,10 +1,10 @@
 """Exact vs IVF search at scale: build time, query latency and recall@10 of IVF against exact, side by side.
 
-Two corpora of 1M x 576 by default (the offline backbone's dimension): unit vectors around random
-centres (the cluster structure embeddings have), and uniform random unit vectors (IVF's worst case).
-Writes index_latency.json and .md to --output-dir.
+Two corpora at each size (100k and 1M x 576 by default, the offline backbone's dimension): unit vectors
+around random centres (the cluster structure embeddings have), and uniform random unit vectors (IVF's
+worst case). Writes index_latency.json and .md to --output-dir.
 
-    python benchmarks/index_latency.py --vectors 1000000 --dim 576 --queries 200
+    python benchmarks/index_latency.py --vectors 100000 1000000 --dim 576 --queries 200
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--vectors", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=576)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--ivf", default="IVF1024,Flat")
@@ -68,46 +68,50 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     centres = _unit(rng.standard_normal((4096, args.dim), dtype=np.float32))
-    ids = [str(i) for i in range(args.vectors)]
     report: dict = {
-        "vectors": args.vectors,
         "dim": args.dim,
         "queries": args.queries,
         "nprobe": args.nprobe,
         "faiss_threads": faiss.omp_get_max_threads(),
-        "corpora": {},
+        "sizes": {},
     }
-    for kind in ("clustered", "uniform"):
-        corpus = _corpus(kind, args.vectors, args.dim, centres, rng)
-        queries = _corpus(kind, args.queries, args.dim, centres, rng)
-        exact, exact_ids = _measure("Flat", corpus, queries, ids, args.nprobe)
-        ivf, ivf_ids = _measure(args.ivf, corpus, queries, ids, args.nprobe)
-        overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_ids, ivf_ids, strict=True)])
-        report["corpora"][kind] = {
-            "exact": exact,
-            "ivf": ivf,
-            "ivf_recall@10_vs_exact": round(float(overlap), 4),
-            "speedup": round(exact["ms_per_query"] / ivf["ms_per_query"], 1),
-        }
-        del corpus
+    for n in args.vectors:
+        ids = [str(i) for i in range(n)]
+        report["sizes"][n] = {}
+        for kind in ("clustered", "uniform"):
+            corpus = _corpus(kind, n, args.dim, centres, rng)
+            queries = _corpus(kind, args.queries, args.dim, centres, rng)
+            exact, exact_ids = _measure("Flat", corpus, queries, ids, args.nprobe)
+            ivf, ivf_ids = _measure(args.ivf, corpus, queries, ids, args.nprobe)
+            overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_ids, ivf_ids, strict=True)])
+            report["sizes"][n][kind] = {
+                "exact": exact,
+                "ivf": ivf,
+                "ivf_recall@10_vs_exact": round(float(overlap), 4),
+                "speedup": round(exact["ms_per_query"] / ivf["ms_per_query"], 1),
+            }
+            print(n, kind, report["sizes"][n][kind], flush=True)
+            del corpus
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "index_latency.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        f"# Exact vs IVF search: {args.vectors:,} x {args.dim} vectors, {args.queries} queries, "
+        f"# Exact vs IVF search: {args.dim}-d vectors, {args.queries} queries, "
         f"{faiss.omp_get_max_threads()} threads, nprobe {args.nprobe}",
         "",
-        "| corpus | index | build (s) | ms / query | IVF recall@10 vs exact | speed-up |",
-        "|---|---|---|---|---|---|",
+        "| vectors | corpus | index | build (s) | ms / query | IVF recall@10 vs exact | speed-up |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for kind, entry in report["corpora"].items():
-        lines.append(
-            f"| {kind} | {entry['exact']['factory']} | {entry['exact']['build_seconds']} | "
-            f"{entry['exact']['ms_per_query']} | | |"
-        )
-        lines.append(
-            f"| {kind} | {entry['ivf']['factory']} | {entry['ivf']['build_seconds']} | "
-            f"{entry['ivf']['ms_per_query']} | {entry['ivf_recall@10_vs_exact']} | {entry['speedup']}x |"
-        )
+    for n, corpora in report["sizes"].items():
+        for kind, entry in corpora.items():
+            exact, ivf = entry["exact"], entry["ivf"]
+            lines.append(
+                f"| {n:,} | {kind} | {exact['factory']} | {exact['build_seconds']} | "
+                f"{exact['ms_per_query']} | | |"
+            )
+            lines.append(
+                f"| {n:,} | {kind} | {ivf['factory']} | {ivf['build_seconds']} | {ivf['ms_per_query']} | "
+                f"{entry['ivf_recall@10_vs_exact']} | {entry['speedup']}x |"
+            )
     (args.output_dir / "index_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

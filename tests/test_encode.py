@@ -99,3 +99,14 @@ def test_a_finished_output_is_reused_only_for_the_same_items_and_embedder(
         atol=1e-5,
     )
     assert candidate_encodes[0] == len(ITEMS)  # the one shard holding the changed item was redone
+
+
+def test_compiled_encoding_matches_eager_and_adds_nothing_to_the_state_dict() -> None:
+    eager = Embedder.from_pretrained("tiny:qwen2_vl")
+    compiled = eager.with_settings(compile=True)
+    texts = ["a red bus", "two dogs play in the snow near a fence", "a cat"]
+    expected = eager.encode_candidates(texts, progress=False)
+    np.testing.assert_allclose(compiled.encode_candidates(texts, progress=False), expected, atol=1e-4)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    compiled.train()
+    assert not compiled._graphs  # training drops the graph that froze the old weights

@@ -1,14 +1,24 @@
-"""BEIR and caption harnesses: an embedder that copies the answer scores perfectly; real data runs."""
+"""BEIR, caption, class-folder and STS harnesses: an embedder that copies the answer scores perfectly;
+real data runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import shared_data_or_skip
-from umarvel.evaluation.suites import evaluate_beir, evaluate_captions
+from umarvel.data.io import InputError
+from umarvel.data.records import Candidate
+from umarvel.evaluation.suites import (
+    evaluate_beir,
+    evaluate_captions,
+    evaluate_image_classes,
+    evaluate_sts,
+    limit_corpus,
+)
 
 
 class _LookupEmbedder:
@@ -70,3 +80,57 @@ def test_the_real_scifact_test_set_runs_through_the_beir_harness() -> None:
     result = evaluate_beir(title_words, folder, progress=False)
     assert result["queries"] == 300 and result["corpus"] == 5183
     assert 0 <= result["ndcg@10"] <= 100
+
+
+def test_a_limited_corpus_keeps_every_judged_document_and_has_the_asked_size() -> None:
+    corpus = [Candidate(did=f"d{i}", text=f"t{i}") for i in range(50)]
+    qrels = {"q1": {"d3": 1, "d40": 1}, "q2": {"d7": 1}}
+    kept = limit_corpus(corpus, qrels, 10, seed=1)
+    assert len(kept) == 10 and {"d3", "d7", "d40"} <= {c.did for c in kept}
+    assert kept == limit_corpus(corpus, qrels, 10, seed=1)
+    with pytest.raises(InputError, match="below the 3 judged"):
+        limit_corpus(corpus, qrels, 2)
+
+
+def _class_folder(root: Path) -> Path:
+    for cls in ("t-shirt", "hat", "dress"):
+        (root / "test" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 60, 10, 10)).save(root / "test" / cls / f"{cls}{i}.jpg")
+    return root
+
+
+def test_a_retriever_that_knows_each_photos_class_scores_100_on_class_names(tmp_path: Path) -> None:
+    def key(item: object) -> str:  # the class folder of an image, or the class named in the text
+        if item.image is not None:
+            return Path(str(item.image)).parent.name.replace("-", " ")
+        return item.text.removeprefix("a photo of a ")
+
+    result = evaluate_image_classes(_LookupEmbedder(key, dim=32), _class_folder(tmp_path), progress=False)
+    assert result["class_to_image_map"] == 100.0 and result["zero_shot_accuracy"] == 100.0
+    assert (result["classes"], result["images"]) == (3, 9)
+
+
+def test_sts_spearman_is_100_when_cosines_follow_the_gold_order(tmp_path: Path) -> None:
+    gold = [0.5, 4.0, 2.5, 1.0]
+    rows = [f"g\tf\t2012\t{i}\t{score}\tbase sentence\tother {i}" for i, score in enumerate(gold)]
+    (tmp_path / "sts.csv").write_text("\n".join(rows) + "\n")
+
+    class Scaled:
+        """'base sentence' is e1; 'other i' leans towards e1 in proportion to its gold score."""
+
+        def encode_queries(self, items: list, **_: object) -> np.ndarray:
+            out = []
+            for item in items:
+                w = 0.0 if item.text == "base sentence" else gold[int(item.text.split()[1])] / 5
+                out.append([1.0, 0.0] if item.text == "base sentence" else [w, np.sqrt(1 - w * w)])
+            return np.array(out, dtype=np.float32)
+
+    result = evaluate_sts(Scaled(), tmp_path / "sts.csv", progress=False)
+    assert result == {"spearman": 100.0, "pairs": 4}
+
+
+def test_a_short_sts_row_is_refused_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "sts.csv").write_text("g\tf\t2012\t0\t1.0\tone sentence\n")
+    with pytest.raises(InputError, match=r"sts\.csv:1"):
+        evaluate_sts(_LookupEmbedder(lambda item: item.text), tmp_path / "sts.csv", progress=False)

@@ -56,6 +56,9 @@ class EmbedderConfig:
         token_budget: when > 0, also cap a batch at this many padded tokens (estimated), so batches of
             short texts are large and batches of long ones small.
         loader_workers: processes that decode images while the model encodes (0: decode inline).
+        compile: encode through `torch.compile` (inductor, dynamic shapes, weights frozen into the
+            graph). The first batches pay a one-off compile (about 1.5 min on 2 CPU cores); long encoding
+            jobs then run faster (benchmarks/encode_flops.py). Inference only; training is unaffected.
     Video (mbeir-protocol.md 3):
         video_frames: a fixed frame count per video (MSVD: 12); 0 samples `video_fps` frames a second.
         video_fps / video_max_frames: 2 fps, clamped to [4, video_max_frames] (MSR-VTT).
@@ -79,6 +82,7 @@ class EmbedderConfig:
     batch_size: int = 16
     token_budget: int = 0
     loader_workers: int = 0
+    compile: bool = False
     video_frames: int = 0
     video_fps: float = 2.0
     video_max_frames: int = 768

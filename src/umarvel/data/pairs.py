@@ -158,34 +158,37 @@ def read_sick_entailment(path: str | Path) -> list[TrainGroup]:
     return groups
 
 
-def read_stsb_pairs(path: str | Path, min_score: float = 4.0) -> list[TrainGroup]:
-    """STS Benchmark tsv (genre, file, year, id, score, s1, s2[, sources]): pairs scored >= min_score."""
+def read_stsb(path: str | Path) -> list[tuple[str, str, float, str]]:
+    """STS Benchmark tsv (genre, file, year, id, score, s1, s2[, sources]): (s1, s2, score, "file:line")."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
-    groups = []
+    rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             cells = line.rstrip("\n").split("\t")
+            where = f"{path}:{number}"
             if len(cells) < 7:
-                raise InputError(
-                    f"{path}:{number}", f"expected at least 7 tab-separated columns, got {len(cells)}"
-                )
+                raise InputError(where, f"expected at least 7 tab-separated columns, got {len(cells)}")
             try:
                 score = float(cells[4])
             except ValueError:
-                raise InputError(f"{path}:{number}", f"score {cells[4]!r} is not a number") from None
-            if score < min_score:
-                continue
-            where = f"{path}:{number}"
+                raise InputError(where, f"score {cells[4]!r} is not a number") from None
+            rows.append((_text(cells[5], "s1", where), _text(cells[6], "s2", where), score, where))
+    return rows
+
+
+def read_stsb_pairs(path: str | Path, min_score: float = 4.0) -> list[TrainGroup]:
+    """STS Benchmark pairs scored >= min_score, as (s1 -> s2) training groups."""
+    path = Path(path)
+    groups = []
+    for first, second, score, where in read_stsb(path):
+        if score >= min_score:
+            number = where.rsplit(":", 1)[1]
             groups.append(
                 TrainGroup(
-                    query=Query(
-                        qid=f"stsb:{path.stem}:{number}", text=_text(cells[5], "s1", where), source=where
-                    ),
-                    positive=Candidate(
-                        did=f"stsb:{path.stem}:{number}:b", text=_text(cells[6], "s2", where), source=where
-                    ),
+                    query=Query(qid=f"stsb:{path.stem}:{number}", text=first, source=where),
+                    positive=Candidate(did=f"stsb:{path.stem}:{number}:b", text=second, source=where),
                 )
             )
     return groups

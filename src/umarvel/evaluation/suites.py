@@ -1,17 +1,20 @@
-"""The same retrieval harness for BEIR text sets (nDCG@10) and caption sets (R@k both directions)."""
+"""One retrieval harness for text and image sets: BEIR (nDCG@10), caption sets (R@k both directions),
+class-name -> image folders (mAP, zero-shot accuracy) and STS pairs (Spearman)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
+import random
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from umarvel.data.io import InputError
-from umarvel.data.pairs import read_beir
-from umarvel.data.records import Query
+from umarvel.data.pairs import read_beir, read_stsb
+from umarvel.data.records import Candidate, Query
 from umarvel.data.sampling import held_split
 from umarvel.evaluation.metrics import mrr_at_k, ndcg_at_k, recall_at_k, recall_fraction_at_k
 
@@ -35,9 +38,17 @@ def evaluate_beir(
     instruction: str | None = None,
     factory: str = "Flat",
     progress: bool = True,
+    corpus_limit: int | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """nDCG@10 (the BEIR headline), recall@100 (fraction) and MRR@10, in percent."""
+    """nDCG@10 (the BEIR headline), recall@100 (fraction) and MRR@10, in percent.
+
+    corpus_limit: keep every abstract judged for the split's queries plus a seeded sample of the others,
+        up to this many in all (a cheaper, easier variant; not comparable with full-corpus figures).
+    """
     beir = read_beir(folder, split)
+    if corpus_limit is not None and corpus_limit < len(beir.corpus):
+        beir = dataclasses.replace(beir, corpus=limit_corpus(beir.corpus, beir.qrels, corpus_limit, seed))
     query_vectors = embedder.encode_queries(
         beir.queries,
         instruction=instruction,  # type: ignore[attr-defined]
@@ -55,6 +66,18 @@ def evaluate_beir(
         "queries": len(beir.queries),
         "corpus": len(beir.corpus),
     }
+
+
+def limit_corpus(
+    corpus: list[Candidate], qrels: dict[str, dict[str, int]], limit: int, seed: int = 0
+) -> list[Candidate]:
+    """Every judged document plus a seeded sample of the rest, `limit` in all, in corpus order."""
+    judged = {did for per_query in qrels.values() for did in per_query}
+    if len(judged) > limit:
+        raise InputError(None, f"corpus_limit {limit} is below the {len(judged)} judged documents")
+    others = [c.did for c in corpus if c.did not in judged]
+    kept = judged | set(random.Random(seed).sample(others, min(len(others), limit - len(judged))))
+    return [c for c in corpus if c.did in kept]
 
 
 def evaluate_captions(
@@ -112,3 +135,74 @@ def evaluate_captions(
         result[f"image_to_text_recall@{k}"] = round(100 * recall_at_k(i2t, i2t_relevant, k), 2)
     result["captions"], result["images"] = len(texts), len(images)
     return result
+
+
+def evaluate_image_classes(
+    embedder: object,
+    folder: str | Path,
+    split: str = "test",
+    template: str = "a photo of a {}",
+    text_instruction: str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Class name -> image retrieval on an image folder `<split>/<class>/*.jpg`, from one score matrix.
+
+    Each class name (hyphens read as spaces) in `template` is a text query over every image of the split:
+    mAP over the full ranking and precision@10. Read the other way, each image's best-scoring class name
+    is a zero-shot classification: top-1 accuracy, and its mean over classes.
+    """
+    root = Path(folder) / split
+    if not root.is_dir():
+        raise InputError(root, "image folder split not found")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    images = [(c, p) for c in classes for p in sorted((root / c).glob("*.jpg"))]
+    if len(classes) < 2 or not images:
+        raise InputError(root, "need at least two class folders with .jpg images")
+    text_vectors = embedder.encode_queries(  # type: ignore[attr-defined]
+        [Query(qid=c, text=template.format(c.replace("-", " "))) for c in classes],
+        instruction=text_instruction,
+        progress=progress,
+    )
+    image_vectors = embedder.encode_candidates(  # type: ignore[attr-defined]
+        [Candidate(did=str(p), image=p) for _, p in images], progress=progress
+    )
+    scores = text_vectors @ image_vectors.T  # (C, N)
+    owner = np.array([classes.index(c) for c, _ in images])
+    precisions, average_precisions = [], []
+    for row, _ in enumerate(classes):
+        order = np.argsort(-scores[row], kind="stable")
+        hits = owner[order] == row
+        ranks = np.flatnonzero(hits) + 1
+        average_precisions.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
+        precisions.append(float(hits[:10].mean()))
+    predicted = scores.argmax(axis=0)
+    per_class = [float((predicted[owner == c] == c).mean()) for c in range(len(classes))]
+    return {
+        "class_to_image_map": round(100 * float(np.mean(average_precisions)), 2),
+        "class_to_image_p@10": round(100 * float(np.mean(precisions)), 2),
+        "zero_shot_accuracy": round(100 * float((predicted == owner).mean()), 2),
+        "zero_shot_mean_class_accuracy": round(100 * float(np.mean(per_class)), 2),
+        "classes": len(classes),
+        "images": len(images),
+    }
+
+
+def evaluate_sts(
+    embedder: object, path: str | Path, instruction: str | None = None, progress: bool = True
+) -> dict[str, float]:
+    """Spearman correlation (x100) between the cosine of each sentence pair and its gold score."""
+    from scipy.stats import spearmanr
+
+    rows = read_stsb(path)
+    if not rows:
+        raise InputError(path, "no sentence pairs")
+    sentences = sorted({s for a, b, _, _ in rows for s in (a, b)})
+    vectors = embedder.encode_queries(  # type: ignore[attr-defined]
+        [Query(qid=str(i), text=s) for i, s in enumerate(sentences)],
+        instruction=instruction,
+        progress=progress,
+    )
+    position = {s: i for i, s in enumerate(sentences)}
+    cosines = [float(vectors[position[a]] @ vectors[position[b]]) for a, b, _, _ in rows]
+    correlation = spearmanr(cosines, [score for _, _, score, _ in rows]).statistic
+    return {"spearman": round(100 * float(correlation), 2), "pairs": len(rows)}

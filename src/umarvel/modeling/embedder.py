@@ -86,6 +86,8 @@ class Embedder(nn.Module):
             torch.tensor(math.log(config.temperature), dtype=torch.float32),
             requires_grad=config.learnable_temperature,
         )
+        # Compiled forwards for inference (`settings.compile`), kept out of the module tree (state dict).
+        self._graphs: dict[str, Any] = {}
         self.collator = Collator(
             backbone.processor,
             nested_images=backbone.spec.nested_images,
@@ -160,6 +162,8 @@ class Embedder(nn.Module):
         """Train mode, except a frozen vision tower, which stays in eval mode: its BatchNorm statistics
         must not drift and its dropout must not fire while nothing in it learns."""
         super().train(mode)
+        if mode:
+            self._graphs.clear()  # a compiled graph holds the weights as constants; training changes them
         vision = self.backbone.submodule("vision")
         if mode and not any(p.requires_grad for p in vision.parameters()):
             vision.eval()
@@ -188,6 +192,9 @@ class Embedder(nn.Module):
     def forward(self, batch: EncodedBatch) -> torch.Tensor:
         """Embeddings (B, H), float32, L2-normalised when `normalize`."""
         hidden = self.backbone.forward(batch.inputs)  # (B, L, H)
+        return self._pool(hidden, batch)
+
+    def _pool(self, hidden: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
         pooled = pool(hidden.float(), batch.pooling_mask, self.settings.pooling)  # (B, H)
         return functional.normalize(pooled, dim=-1) if self.settings.normalize else pooled
 
@@ -307,9 +314,24 @@ class Embedder(nn.Module):
                 out = np.zeros((len(window), self.dim), dtype=np.float32)
                 for chosen in self._batches(window, batch_size):
                     batch = self.collator([window[i] for i in chosen]).to(self.device)
-                    out[chosen] = self(batch).float().cpu().numpy()
+                    out[chosen] = self._infer(batch).float().cpu().numpy()
                     bar.advance(task, len(chosen))
                 yield out
+
+    def _infer(self, batch: EncodedBatch) -> torch.Tensor:
+        """`forward` for encoding; through a compiled graph when `settings.compile`."""
+        if not self.settings.compile:
+            return self(batch)
+        import torch._inductor.config as inductor
+
+        if "encode" not in self._graphs:
+            logger.info("compiling the backbone for encoding (one-off, dynamic shapes)")
+            self._graphs["encode"] = torch.compile(self.backbone.model, dynamic=True)
+        # Freezing folds the (inference-only) weights into the graph, so inductor can pre-pack them for
+        # the CPU's matmul kernels; it is read when a graph is compiled, i.e. inside this call.
+        with inductor.patch(freezing=True):
+            hidden = self._graphs["encode"](**batch.inputs, use_cache=False).last_hidden_state
+        return self._pool(hidden, batch)
 
     def encode_queries(
         self,
