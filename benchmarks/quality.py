@@ -27,7 +27,6 @@ interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from umarvel.data.io import write_json
+from umarvel.data.pairs import read_image_captions
 from umarvel.data.sampling import held_split
 from umarvel.evaluation.suites import evaluate_beir, evaluate_captions, evaluate_image_classes, evaluate_sts
 from umarvel.evaluation.zeroshot import I2T, T2I, evaluate_zeroshot
@@ -96,36 +97,40 @@ def _tasks(shared: Path, scifact_docs: int, progress: bool) -> dict:
 
 def _train_pairs(shared: Path) -> list[tuple[str, Path]]:
     """Stage A2's training pairs: (caption, photo) of the Flickr8k and COCO-mini train splits."""
-    pairs = []
-    for folder in (shared / "flickr8k-800", shared / "coco-mini"):
-        with (folder / "captions.csv").open(encoding="utf-8", newline="") as handle:
-            for row in csv.DictReader(handle):
-                if held_split(Path(row["image"]).name) == "train":
-                    pairs.append((row["caption"].strip(), folder / "images" / row["image"]))
-    return pairs
+    return [
+        (group.query.text, Path(group.positive.image))
+        for folder in ("flickr8k-800", "coco-mini")
+        for group in read_image_captions(shared / folder / "captions.csv")
+        if held_split(Path(group.positive.image).name) == "train"
+    ]
 
 
 def _measure(label: str, load, tasks: dict, names: tuple[str, ...], parts: Path, key: dict) -> dict:
-    """Run `names` on the model `load()` gives, unless a saved part with the same key has them."""
+    """Run `names` on the model `load()` gives, skipping tasks a saved part with the same key holds.
+
+    The part is rewritten (atomically) after each task, so a killed run loses at most one task.
+    """
     path = parts / f"{label.replace(' ', '_')}.json"
+    result = {"key": key, "tasks": {}, "seconds": 0.0}
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == key and all(n in saved["tasks"] for n in names):
-            logger.info("%s: reusing %s", label, path)
-            return saved
+        if saved.get("key") == key:
+            result = saved
+    todo = [n for n in names if n not in result["tasks"]]
+    if not todo:
+        logger.info("%s: reusing %s", label, path)
+        return result
     started = time.perf_counter()
     model, extra = load()
-    result = {"key": key, "tasks": {}, **extra}
-    for name in names:
+    result.update(extra)
+    for name in todo:
         task_started = time.perf_counter()
         result["tasks"][name] = tasks[name](model)
         result["tasks"][name]["seconds"] = round(time.perf_counter() - task_started, 1)
         logger.info("%s / %s: %s", label, name, result["tasks"][name])
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    parts.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    temporary.replace(path)
+        result["seconds"] = round(result["seconds"] + time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        write_json(path, result)
     return result
 
 

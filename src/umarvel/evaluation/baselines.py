@@ -228,7 +228,7 @@ class DualEncoder(nn.Module):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            report.losses.append(float(loss))
+            report.losses.append(loss.item())
         report.seconds = time.perf_counter() - started
         logger.info(
             "dual encoder: %d steps in %.1f s, loss %.3f -> %.3f",
@@ -246,8 +246,9 @@ class DualEncoder(nn.Module):
         images = [
             (i, it.image, it.source) for i, it in enumerate(items) if not isinstance(it, str) and it.image
         ]
-        if any(getattr(it, "video", None) is not None for it in items if not isinstance(it, str)):
-            raise InputError(None, "the dual encoder baseline has no video tower")
+        for it in items:
+            if not isinstance(it, str) and getattr(it, "video", None) is not None:
+                raise InputError(it.source, "the dual encoder baseline has no video tower")
         if texts:
             features = self.text.encode_texts([t for _, t in texts])
             out[[i for i, _ in texts]] += self._project(features, self.text_head, self.text_shift)
@@ -256,7 +257,8 @@ class DualEncoder(nn.Module):
             out[[i for i, _, _ in images]] += self._project(features, self.image_head, self.image_shift)
         empty = ~out.any(axis=1)
         if empty.any():
-            raise InputError(None, f"item {int(np.flatnonzero(empty)[0])} has neither text nor image")
+            first = items[int(np.flatnonzero(empty)[0])]
+            raise InputError(getattr(first, "source", None), "empty item: neither text nor image")
         # An image+text item is the normalised sum of its two projections (late fusion).
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 

@@ -17,6 +17,7 @@ from umarvel.data.pairs import read_beir, read_stsb
 from umarvel.data.records import Candidate, Query
 from umarvel.data.sampling import held_split
 from umarvel.evaluation.metrics import mrr_at_k, ndcg_at_k, recall_at_k, recall_fraction_at_k
+from umarvel.evaluation.zeroshot import mean_average_precision
 
 logger = logging.getLogger(__name__)
 
@@ -168,17 +169,13 @@ def evaluate_image_classes(
     )
     scores = text_vectors @ image_vectors.T  # (C, N)
     owner = np.array([classes.index(c) for c, _ in images])
-    precisions, average_precisions = [], []
-    for row, _ in enumerate(classes):
-        order = np.argsort(-scores[row], kind="stable")
-        hits = owner[order] == row
-        ranks = np.flatnonzero(hits) + 1
-        average_precisions.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
-        precisions.append(float(hits[:10].mean()))
+    relevant = [np.flatnonzero(owner == row).tolist() for row in range(len(classes))]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    precisions = [float(np.isin(row, wanted).mean()) for row, wanted in zip(top, relevant, strict=True)]
     predicted = scores.argmax(axis=0)
     per_class = [float((predicted[owner == c] == c).mean()) for c in range(len(classes))]
     return {
-        "class_to_image_map": round(100 * float(np.mean(average_precisions)), 2),
+        "class_to_image_map": mean_average_precision(scores, relevant, k=len(images)),
         "class_to_image_p@10": round(100 * float(np.mean(precisions)), 2),
         "zero_shot_accuracy": round(100 * float((predicted == owner).mean()), 2),
         "zero_shot_mean_class_accuracy": round(100 * float(np.mean(per_class)), 2),

@@ -209,6 +209,13 @@ class Embedder(nn.Module):
     ) -> EncodeItem:
         """Normalise any accepted input to an `EncodeItem` with its image loaded."""
         base = Path(root) if root is not None else None
+
+        def resolve(path: Any) -> Any:
+            """A relative file path is relative to `root`; anything else is used as it is."""
+            if isinstance(path, (str, Path)) and base is not None and not Path(path).is_absolute():
+                return base / path
+            return path
+
         text: str | None = None
         image: Any = None
         video: Any = None
@@ -228,20 +235,20 @@ class Embedder(nn.Module):
             image = value.get("img_path", value.get("query_img_path"))
         else:
             raise InputError(where, f"cannot encode a {type(value).__name__}")
-        if isinstance(image, (str, Path)) and base is not None and not Path(image).is_absolute():
-            image = base / image
-        loaded = load_image(image, self.settings.max_image_pixels, where=where) if image is not None else None
+        loaded = (
+            load_image(resolve(image), self.settings.max_image_pixels, where=where)
+            if image is not None
+            else None
+        )
         if text is not None and not isinstance(text, str):
             raise InputError(where, f"text must be a string, got {type(text).__name__}")
         frames = None
         if video is not None:
             from umarvel.data.video import load_video
 
-            if base is not None and not Path(video).is_absolute():
-                video = base / video
             frames = tuple(
                 load_video(
-                    video,
+                    resolve(video),
                     nframes=self.settings.video_frames,
                     fps=self.settings.video_fps,
                     max_frames=self.settings.video_max_frames,
@@ -249,14 +256,7 @@ class Embedder(nn.Module):
                     where=where,
                 )
             )
-        earlier = tuple(
-            load_image(
-                base / p if base is not None and not Path(p).is_absolute() else p,
-                self.settings.max_image_pixels,
-                where=where,
-            )
-            for p in extra
-        )
+        earlier = tuple(load_image(resolve(p), self.settings.max_image_pixels, where=where) for p in extra)
         return EncodeItem(
             text=text, image=loaded, instruction=instruction, where=where, video=frames, images=earlier
         )
