@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from umarvel.config.digest import content_digest
 from umarvel.data.io import write_json
 from umarvel.data.pairs import read_image_captions
 from umarvel.data.sampling import held_split
@@ -216,6 +217,8 @@ def main() -> None:
 
         key = {
             "model": path,
+            # A checkpoint retrained in place has other contents: its saved results are not reused.
+            "weights": content_digest(path) if Path(path).is_dir() else path,
             "dtype": args.dtype,
             "max_text_tokens": args.max_text_tokens,
             "docs": args.scifact_docs,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Digest caches of the test run stay out of the user's ~/.cache.
+os.environ.setdefault("UMARVEL_CACHE_DIR", tempfile.mkdtemp(prefix="umarvel-test-cache-"))
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "composed"]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

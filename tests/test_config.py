@@ -56,3 +56,31 @@ def test_manifest_records_config_commit_and_input_fingerprints(tmp_path: Path) -
     assert manifest["command"] == "embed" and manifest["config"]["embedder"]["model"] == "offline"
     assert "git_commit" in manifest
     assert manifest["inputs"]["items"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_scientific_notation_is_a_number_in_overrides_and_recipes(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  learning_rate: 1e-4\n  temperature_lr: 5E-3\n")
+    from_recipe = load_config(recipe)
+    from_override = load_config(None, ["train.learning_rate=1e-4", "train.temperature_lr=+5e-3"])
+    for config in (from_recipe, from_override):
+        assert (config.train.learning_rate, config.train.temperature_lr) == (1e-4, 5e-3)
+        assert isinstance(config.train.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.max_steps=1e3", "train.max_steps: expected an integer"),
+        ("train.max_steps=1e-4", "train.max_steps: expected an integer"),
+        ("train.learning_rate=true", "train.learning_rate: expected a number"),
+        ("train.learning_rate=fast", "train.learning_rate: expected a number"),
+        ("train.learning_rate=1e-4x", "train.learning_rate: expected a number"),
+        ("train.learning_rate=nan", "train.learning_rate: expected a number"),
+    ],
+)
+def test_numbers_in_words_are_only_read_as_floats_and_only_where_a_float_is_wanted(
+    override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

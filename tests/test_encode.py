@@ -79,7 +79,7 @@ def test_index_then_search_finds_the_indexed_candidate(tmp_path: Path) -> None:
     mismatched = runner.invoke(
         app, ["search", str(tmp_path / "idx"), "--text", "x", "--set", "pooling=last_token"]
     )
-    assert mismatched.exit_code == 2 and "another embedder" in mismatched.output
+    assert mismatched.exit_code == 2 and "another embedding definition" in mismatched.output
     manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert manifest["embedder"]["model"] == "tiny:qwen2_vl" and manifest["size"] == len(ITEMS)
 

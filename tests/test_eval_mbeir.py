@@ -116,3 +116,15 @@ def test_the_stage_table_puts_runs_side_by_side_with_their_averages(tmp_path: Pa
     assert "| mscoco_task0 | R@5 | 10.00 | 5.00 | 30.00 | 15.00 |" in markdown
     assert table["average"]["B"] == {"local": 30.0, "global": 15.0}
     assert plot_comparison(table, tmp_path / "t.png").is_file()
+
+
+def test_an_average_of_zero_is_written_as_zero_and_only_a_missing_one_is_blank(tmp_path: Path) -> None:
+    from umarvel.evaluation.mbeir import RowScore, Scores, render_table
+
+    row = ROWS[0]
+    scores = Scores([RowScore(row, local={f"recall@{row.k}": 0.0})], warnings=[])
+    assert (scores.average("local"), scores.average("global")) == (0.0, None)
+    write_results(scores, tmp_path, "test")
+    average = (tmp_path / "mbeir_results.tsv").read_text().splitlines()[-1].split("\t")
+    assert (average[1], average[6], average[8]) == ("average", "0.0", "")
+    assert render_table(scores).splitlines()[-1] == "| **average** | | 0.0 | - |"

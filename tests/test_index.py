@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umarvel.retrieval.index import Index, IndexMismatchError, embedder_fingerprint
+from umarvel.retrieval.index import Index, IndexMismatchError
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -53,12 +53,28 @@ def test_an_index_round_trips_through_its_folder(tmp_path: Path) -> None:
     assert loaded.search(corpus[:3], 1).ids == [["d0"], ["d1"], ["d2"]]
 
 
-def test_searching_with_another_embedder_raises() -> None:
-    settings = {"model": "offline", "pooling": "mean", "attention": "bidirectional"}
-    index = Index(8, embedder=embedder_fingerprint(settings))
-    index.check_embedder(settings)
+RECORD = {
+    "model": "offline",
+    "weights": "a" * 64,
+    "definition": {"pooling": "mean", "attention": "bidirectional"},
+    "numeric": {"dtype": "float32", "attn": "sdpa"},
+}
+
+
+def test_searching_with_another_embedding_definition_raises() -> None:
+    index = Index(8, embedder=RECORD)
+    index.check_embedder(RECORD)
     with pytest.raises(IndexMismatchError, match="pooling"):
-        index.check_embedder({**settings, "pooling": "last_token"})
+        index.check_embedder({**RECORD, "definition": {**RECORD["definition"], "pooling": "last_token"}})
+
+
+def test_searching_with_changed_weights_raises() -> None:
+    with pytest.raises(IndexMismatchError, match="other weights"):
+        Index(8, embedder=RECORD).check_embedder({**RECORD, "weights": "b" * 64})
+
+
+def test_searching_in_another_dtype_is_allowed() -> None:
+    Index(8, embedder=RECORD).check_embedder({**RECORD, "numeric": {"dtype": "bfloat16", "attn": "sdpa"}})
 
 
 def test_duplicate_ids_are_refused() -> None:

@@ -3,13 +3,15 @@ stage resumes to the same artifacts as an uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from umarvel.config.io import load_config
-from umarvel.pipeline.run import PipelineConfig, run_pipeline
+from umarvel.config.stages import PipelineConfig
+from umarvel.pipeline.run import run_pipeline
 from umarvel.training.trainer import EmbedderTrainer
 
 
@@ -27,16 +29,15 @@ train: {{max_steps: 2, per_device_batch_size: 4, save_steps: 1, logging_steps: 1
     pipeline.write_text(f"""output_dir: {output}
 stages:
   - {{name: a3, kind: train, recipe: {stage}}}
-  - {{name: mine, kind: mine, model_from: a3, root: {mini}, k: 2, max_score: 0.99, shortlist: 10}}
-  - {{name: b, kind: train, recipe: {hard}, model_from: a3, negatives_from: mine}}
+  - {{name: mine, kind: mine, inputs: {{model: a3}}, config: {{root: {mini}, k: 2, max_score: 0.99, shortlist: 10}}}}
+  - {{name: b, kind: train, recipe: {hard}, inputs: {{model: a3, negatives: mine}}}}
 """)
     return load_config(pipeline, cls=PipelineConfig)
 
 
 def _artifacts(output: Path) -> dict[str, str]:
     return {
-        name: json.loads((output / name / "stage.json").read_text()).get("weights")
-        or json.loads((output / name / "stage.json").read_text())["sha256"]
+        name: json.loads((output / name / "stage.json").read_text())["artifact"]["digest"]
         for name in ("a3", "mine", "b")
     }
 
@@ -84,8 +85,76 @@ def test_the_shipped_pipeline_recipes_parse_and_wire_earlier_stages() -> None:
             "06_distill",
             "mine_r2",
             "R2",
+            "tune",
+            "eval_C",
+            "eval_C_plus",
         ]
         for spec in config.stages:
-            for source in (spec.model_from, spec.negatives_from, spec.reranker_from, spec.teacher_from):
-                assert source is None or names.index(source) < names.index(spec.name)
+            for source in (spec.inputs or {}).values():
+                assert names.index(source) < names.index(spec.name)
             assert spec.recipe is None or Path(spec.recipe).is_file()
+
+
+def test_a_recipe_change_upstream_reruns_every_later_stage_and_keeps_the_old_folders(
+    mini_mbeir: Path, tmp_path: Path
+) -> None:
+    config = _recipes(tmp_path, mini_mbeir, tmp_path / "run")
+    run_pipeline(config, progress=False)
+    before = _artifacts(tmp_path / "run")
+    old_key = json.loads((tmp_path / "run" / "a3" / "stage.json").read_text())["fingerprint"]
+    recipe = tmp_path / "a3.yaml"
+    recipe.write_text(recipe.read_text().replace("lora: {rank: 4, alpha: 8}", "lora: {rank: 4, alpha: 16}"))
+    assert run_pipeline(config, progress=False) == {"a3": "ran", "mine": "ran", "b": "ran"}
+    after = _artifacts(tmp_path / "run")
+    assert all(after[name] != before[name] for name in ("a3", "mine", "b"))
+    kept = tmp_path / "run" / f"a3.{old_key[:12]}"
+    assert json.loads((kept / "stage.json").read_text())["artifact"]["digest"] == before["a3"]
+    assert run_pipeline(config, progress=False) == {"a3": "skipped", "mine": "skipped", "b": "skipped"}
+
+
+def test_a_changed_data_file_reruns_the_stage_that_reads_it(mini_mbeir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "M-BEIR"
+    shutil.copytree(mini_mbeir, root)
+    config = _recipes(tmp_path, root, tmp_path / "run")
+    run_pipeline(config, progress=False)
+    instructions = root / "instructions" / "query_instructions.tsv"
+    instructions.write_text(instructions.read_text().replace("caption", "Caption"))
+    assert run_pipeline(config, progress=False) == {"a3": "ran", "mine": "ran", "b": "ran"}
+
+
+def test_a_rerun_of_train_with_another_recipe_does_not_resume_its_checkpoints(
+    mini_mbeir: Path, tmp_path: Path
+) -> None:
+    from umarvel.pipeline.train import train_stage
+
+    overrides = [
+        "embedder.model=tiny:qwen2_vl",
+        f"data.train=[{{kind: mbeir, path: {mini_mbeir}}}]",
+        "train.max_steps=2",
+        "train.per_device_batch_size=4",
+        "train.save_steps=1",
+        "train.lora.rank=4",
+        "train.lora.alpha=8",
+        f"output_dir={tmp_path / 'stage'}",
+    ]
+    first = train_stage(load_config(None, overrides), progress=False)
+    digest = json.loads((first / "umarvel_digest.json").read_text())["sha256"]
+    again = train_stage(load_config(None, [*overrides, "train.learning_rate=1e-3"]), progress=False)
+    metrics = json.loads((tmp_path / "stage" / "metrics.json").read_text())
+    assert metrics["train_loss"] is not None  # it trained; a resumed finished run reports None
+    assert json.loads((again / "umarvel_digest.json").read_text())["sha256"] != digest
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("stage.")]  # the old run kept aside
+
+
+def test_a_pipeline_stage_config_is_validated_before_any_stage_runs(mini_mbeir: Path, tmp_path: Path) -> None:
+    from umarvel.config.io import ConfigError
+
+    config = _recipes(tmp_path, mini_mbeir, tmp_path / "run")
+    spec = config.stages[1]
+    broken = dataclasses.replace(spec, config={**spec.config, "shortlst": 10})
+    config = dataclasses.replace(config, stages=(config.stages[0], broken, config.stages[2]))
+    with pytest.raises(ConfigError, match=r"stage mine .*unknown key shortlst"):
+        run_pipeline(config, progress=False)
+    assert not (tmp_path / "run").exists()

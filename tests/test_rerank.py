@@ -335,7 +335,7 @@ def test_the_cli_tunes_on_val_stores_the_weight_and_eval_uses_it(
     assert refused.exit_code == 2 and "refuses the test split" in refused.output
     tuned = runner.invoke(app, [*tune, "--rerank-top", "5", "--grid", "0.0", "--grid", "0.5"])
     assert tuned.exit_code == 0, tuned.output
-    stored = json.loads((r1 / "reranker.json").read_text())["fusion"]
+    stored = json.loads((r1 / "fusion.json").read_text())
     assert stored["split"] == "val" and stored["weight"] in (0.0, 0.5)
     evaluated = runner.invoke(
         app,
@@ -358,3 +358,77 @@ def test_the_cli_tunes_on_val_stores_the_weight_and_eval_uses_it(
     manifest = json.loads((tmp_path / "e" / "rerank" / "manifest.json").read_text())
     assert manifest["fusion_weight"] == stored["weight"]
     assert (tmp_path / "e" / "rerank" / "results.json").is_file()
+
+
+def _frames_and_images(tmp_path: Path) -> tuple[EncodeItem, EncodeItem]:
+    """A FashionIQ-style query with two earlier images, and a video candidate, through `encode_item`."""
+    pytest.importorskip("av")
+    from umarvel.data.records import Candidate, Query
+    from umarvel.data.training import encode_item
+    from umarvel.data.video import write_test_video
+
+    paths = []
+    for i, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), colour).save(paths[-1])
+    query = Query(qid="q", text="like this but blue", image=paths[2], images=(paths[0], paths[1]))
+    clip = write_test_video(tmp_path / "clip.mp4", [(220, 20, 20)] * 8, fps=4)
+    pixels = 300 * 28 * 28
+    return (
+        encode_item(query, pixels, with_instruction=True),
+        encode_item(Candidate(did="v", video=clip), pixels, with_instruction=False, video_frames=4),
+    )
+
+
+def test_the_reranker_prompt_holds_every_earlier_image_of_the_query(
+    reranker: Reranker, tmp_path: Path
+) -> None:
+    query, _ = _frames_and_images(tmp_path)
+    rendered = reranker.collator.render(RerankPair(query, EncodeItem(text="a blue dress")))
+    assert rendered.count("<|vision_start|>") == 3
+
+
+def test_the_reranker_scores_a_video_candidate_against_a_multi_image_query(
+    reranker: Reranker, tmp_path: Path
+) -> None:
+    query, video = _frames_and_images(tmp_path)
+    score = reranker.score([RerankPair(query, video)])
+    assert score.shape == (1,) and 0 <= float(score[0]) <= 1
+
+
+@pytest.mark.parametrize("family", ["composed", "smolvlm"])
+def test_a_reranker_without_native_video_reads_a_video_as_its_frames(family: str, tmp_path: Path) -> None:
+    ranker = Reranker.from_pretrained(f"tiny:{family}")
+    query, video = _frames_and_images(tmp_path)
+    rendered = ranker.collator.render(RerankPair(EncodeItem(text="a red clip"), video))
+    assert len(ranker.collator._images(video)) == 4 and len(rendered) > 0
+    score = ranker.score([RerankPair(query, video)])
+    assert score.shape == (1,) and 0 <= float(score[0]) <= 1
+
+
+def test_a_rerun_of_score_with_another_reranker_scores_every_part_again(
+    chain: dict[str, Path], tmp_path: Path
+) -> None:
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.pipeline.rerank import score_teacher
+
+    out = tmp_path / "teacher"
+    shutil.copytree(chain["work"] / "teacher", out)
+    other = Reranker.from_pretrained(str(chain["r1"]))
+    weight = next(p for n, p in other.model.named_parameters() if "q_proj" in n)
+    with torch.no_grad():
+        weight.mul_(-3.0)
+    other.backbone.digest = ""  # edited in memory: digested from its state
+    settings = {"fraction": 0.5, "top": 5, "alpha": 0.5, "alpha_by_task": {3: 0.9}, "chunk_queries": 4}
+    path = score_teacher(
+        Embedder.from_pretrained("tiny:qwen2_vl"), other, chain["root"], out, progress=False, **settings
+    )
+    fresh = score_teacher(
+        Embedder.from_pretrained("tiny:qwen2_vl"),
+        other,
+        chain["root"],
+        tmp_path / "fresh",
+        progress=False,
+        **settings,
+    )
+    assert path.read_text() == fresh.read_text() != chain["teacher"].read_text()

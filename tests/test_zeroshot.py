@@ -39,10 +39,11 @@ def _write(path: Path, value: object) -> Path:
     return path
 
 
-def _flickr(root: Path) -> None:
-    for i in range(3):
+def _flickr(root: Path, images: int = 3) -> None:
+    for i in range(images):
         _image(root / "flickr" / "images" / f"{i}.png", i)
-    _write(root / "flickr" / "flickr_text.json", [f"photo {i // 5} caption {i % 5}" for i in range(15)])
+    captions = [f"photo {i // 5} caption {i % 5}" for i in range(5 * images)]
+    _write(root / "flickr" / "flickr_text.json", captions)
 
 
 def _coco(root: Path) -> None:
@@ -140,8 +141,8 @@ def _visdial(root: Path) -> None:
         )
 
 
-def _mtfiq(root: Path) -> None:
-    names = [f"B00{i}" for i in range(4)]
+def _mtfiq(root: Path, gallery: int = 4) -> None:
+    names = [f"B{i:03d}" for i in range(gallery)]
     for i, name in enumerate(names):
         _image(root / "M-BEIR" / "mbeir_images" / "fashioniq_images" / f"{name}.jpg", i)
     _write(root / "multiturnfashion" / "image_splits" / "split.all.val.json", names)

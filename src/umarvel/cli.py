@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,7 +16,17 @@ from rich.table import Table
 
 from umarvel.config.io import ConfigError, apply_override, from_dict, load_config
 from umarvel.config.schema import EmbedderConfig
+from umarvel.config.stages import (
+    EvalConfig,
+    IndexConfig,
+    MineConfig,
+    PipelineConfig,
+    ScoreConfig,
+    ServeConfig,
+    TuneFusionConfig,
+)
 from umarvel.data.io import InputError
+from umarvel.pipeline.stages import POOL_SETTINGS
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +34,7 @@ app = typer.Typer(
     help="Universal multimodal retrieval with multimodal LLMs (the U-MARVEL recipe).",
 )
 console = Console(stderr=True)
+T = TypeVar("T")
 # The small real datasets live beside the project checkout (../shared/data from the repo root).
 DEFAULT_SHARED_DATA = Path(os.environ.get("UMARVEL_SHARED_DATA", "../shared/data"))
 
@@ -51,25 +62,28 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _embedder_config(model: str, overrides: list[str] | None, recipe: Path | None = None) -> EmbedderConfig:
-    """Defaults, then the recipe, then `--set` overrides; a checkpoint folder's embedding definition
-    (attention, pooling, instruction masking, ...) is kept unless overridden explicitly. Runtime knobs
-    (dtype, batch size, image budget, ...) stay at the command's defaults."""
-    import json
+def _config(cls: type[T], **options: Any) -> T:
+    """The command's typed config from its options (Paths as strings, repeated options as tuples,
+    absent ones left at the class defaults); a bad value fails naming the option, before any work."""
+    values = {}
+    for name, value in options.items():
+        if isinstance(value, list):
+            value = tuple(str(v) if isinstance(v, Path) else v for v in value)
+        elif isinstance(value, Path):
+            value = str(value)
+        if value is not None:
+            values[name] = value
+    try:
+        return from_dict(cls, values)
+    except ConfigError as error:
+        _fail(error)
+    raise AssertionError  # unreachable: _fail exits
 
-    from umarvel.config.schema import DEFINITION_FIELDS
-    from umarvel.modeling.embedder import EMBEDDER_FILE
 
-    config = load_config(recipe, [f"embedder.{o}" for o in overrides or []]).embedder
-    explicit = {o.split("=", 1)[0].strip() for o in overrides or []}
-    if recipe is not None:
-        import yaml
+def _embedder_config(model: str, overrides: list[str] | None) -> EmbedderConfig:
+    from umarvel.modeling.embedder import resolve_config
 
-        explicit |= set((yaml.safe_load(Path(recipe).read_text()) or {}).get("embedder", {}) or {})
-    saved_file = Path(model) / EMBEDDER_FILE
-    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
-    kept = {k: v for k, v in saved.items() if k in DEFINITION_FIELDS and k not in explicit}
-    return from_dict(EmbedderConfig, {**vars(config), **kept, "model": model})
+    return resolve_config(model, overrides or ())
 
 
 @app.command()
@@ -164,19 +178,29 @@ def index(
     out: Annotated[Path, typer.Option(help="index folder to write")],
     factory: Annotated[
         str, typer.Option(help="FAISS factory: Flat (exact), IVF1024,Flat, HNSW32, ...")
-    ] = "Flat",
+    ] = IndexConfig.factory,
     image_root: Annotated[Path | None, typer.Option(help="images are relative to this folder")] = None,
     cache: Annotated[Path | None, typer.Option(help="content-addressed embedding cache folder")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
 ) -> None:
     """Embed a pool and build a FAISS index folder (vectors, ids, manifest naming the embedder)."""
-    from umarvel.pipeline.index import build_index
+    from umarvel.pipeline.stages import run_index
 
+    config = _config(
+        IndexConfig,
+        model=model,
+        settings=set_,
+        pool=pool,
+        out=out,
+        factory=factory,
+        image_root=image_root,
+        cache=cache,
+    )
     try:
-        built = build_index(_embedder_config(model, set_), pool, out, factory, image_root, cache)
+        artifact = run_index(config)
     except (InputError, ConfigError) as error:
         _fail(error)
-    console.print(f"indexed {built.size} candidates into {out} ({factory})")
+    console.print(f"indexed {artifact.extra['size']} candidates into {out} ({factory})")
 
 
 @app.command()
@@ -226,63 +250,59 @@ def mine(
     model: Annotated[str, typer.Option(help="the embedder that mines (the stage-A3 checkpoint)")],
     root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
     out: Annotated[Path, typer.Option(help="output folder: negatives.jsonl, audit.json, audit_scores.png")],
-    queries: Annotated[
-        str, typer.Option(help="query file under root")
-    ] = "query/union_train/mbeir_union_up_train.jsonl",
-    pool: Annotated[
-        str, typer.Option(help="pool file under root")
-    ] = "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
-    k: Annotated[int, typer.Option(help="negatives per query")] = 5,
+    queries: Annotated[str, typer.Option(help="query file under root")] = MineConfig.queries,
+    pool: Annotated[str, typer.Option(help="pool file under root")] = MineConfig.pool,
+    k: Annotated[int, typer.Option(help="negatives per query")] = MineConfig.k,
     max_score: Annotated[
         float | None, typer.Option(help="drop candidates scoring above this (paper: 0.7)")
-    ] = 0.7,
+    ] = MineConfig.max_score,
     margin: Annotated[
         float | None, typer.Option(help="drop candidates above positive score - margin")
-    ] = None,
-    shortlist: Annotated[int, typer.Option(help="candidates retrieved per query")] = 100,
-    selection: Annotated[str, typer.Option(help="top | sample (from the rank window)")] = "top",
-    rank_start: Annotated[int, typer.Option(help="rank window start, after filtering")] = 0,
-    rank_end: Annotated[int, typer.Option(help="rank window end, after filtering")] = 100,
-    keep_duplicates: Annotated[bool, typer.Option(help="keep copies of a positive's text/image")] = False,
-    seed: Annotated[int, typer.Option(help="seed for sampled selection")] = 42,
+    ] = MineConfig.margin,
+    shortlist: Annotated[int, typer.Option(help="candidates retrieved per query")] = MineConfig.shortlist,
+    selection: Annotated[
+        str, typer.Option(help="top | sample (from the rank window)")
+    ] = MineConfig.selection,
+    rank_start: Annotated[
+        int, typer.Option(help="rank window start, after filtering")
+    ] = MineConfig.rank_start,
+    rank_end: Annotated[int, typer.Option(help="rank window end, after filtering")] = MineConfig.rank_end,
+    keep_duplicates: Annotated[
+        bool, typer.Option(help="keep copies of a positive's text/image")
+    ] = MineConfig.keep_duplicates,
+    seed: Annotated[int, typer.Option(help="seed for sampled selection")] = MineConfig.seed,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
 ) -> None:
     """Mine hard negatives with false-negative filtering, and write an audit of what was dropped."""
-    from umarvel.config.manifest import write_manifest
-    from umarvel.mining.filters import NegativeRules
-    from umarvel.mining.mine import mine_negatives
-    from umarvel.modeling.embedder import Embedder
+    from umarvel.pipeline.stages import run_mine
 
-    if selection not in ("top", "sample"):
-        _fail(ConfigError(f"--selection must be top or sample, got {selection!r}"))
-    rules = NegativeRules(
+    config = _config(
+        MineConfig,
+        model=model,
+        settings=set_,
+        root=root,
+        out=out,
+        queries=queries,
+        pool=pool,
         k=k,
         max_score=max_score,
         margin=margin,
-        drop_duplicates=not keep_duplicates,
+        shortlist=shortlist,
+        selection=selection,
         rank_start=rank_start,
         rank_end=rank_end,
-        selection=selection,
+        keep_duplicates=keep_duplicates,
         seed=seed,
-    )  # type: ignore[arg-type]
+    )
     try:
-        config = _embedder_config(model, set_)
-        path = mine_negatives(Embedder.from_config(config), root, queries, pool, out, rules, shortlist)
+        artifact = run_mine(config)
     except (InputError, ConfigError) as error:
         _fail(error)
-    write_manifest(
-        out,
-        "mine",
-        config,
-        inputs={"queries": root / queries, "pool": root / pool},
-        extra={"rules": vars(rules), "shortlist": shortlist},
-    )
-    console.print(f"wrote {path} and {out / 'audit.json'}")
+    console.print(f"wrote {artifact.path} and {out / 'audit.json'}")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate: the M-BEIR table, or existing run files.")
 app.add_typer(eval_app, name="eval")
-POOL_SETTINGS = {"local": ("local",), "global": ("global",), "both": ("local", "global")}
 
 
 @eval_app.command("mbeir")
@@ -290,15 +310,15 @@ def eval_mbeir(
     model: Annotated[str, typer.Option(help="offline | tiny:<family> | hub id | checkpoint folder")],
     root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
     out: Annotated[Path, typer.Option(help="output folder (runs/, mbeir_results.tsv, results.json)")],
-    split: Annotated[str, typer.Option(help="test | val")] = "test",
-    pool: Annotated[str, typer.Option(help="local | global | both")] = "both",
+    split: Annotated[str, typer.Option(help="test | val")] = EvalConfig.split,
+    pool: Annotated[str, typer.Option(help="local | global | both")] = EvalConfig.pool,
     tasks: Annotated[list[str] | None, typer.Option(help="rows to keep, e.g. mscoco_task0")] = None,
-    factory: Annotated[str, typer.Option(help="FAISS factory string")] = "Flat",
+    factory: Annotated[str, typer.Option(help="FAISS factory string")] = EvalConfig.factory,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
     reranker: Annotated[
         str | None, typer.Option(help="U-MARVEL+: re-rank each query's top K with this re-ranker")
     ] = None,
-    rerank_top: Annotated[int, typer.Option(help="candidates re-ranked per query")] = 50,
+    rerank_top: Annotated[int, typer.Option(help="candidates re-ranked per query")] = EvalConfig.rerank_top,
     fusion_weight: Annotated[
         float | None,
         typer.Option(help="w in cos + w * P(Yes); default: the re-ranker's tuned weight, else 0.1"),
@@ -307,85 +327,31 @@ def eval_mbeir(
     """Embed queries once, search local and global pools, write UniIR run files and the results.
 
     With --reranker, also re-rank (U-MARVEL+) into OUT/rerank/ and print both tables."""
-    from umarvel.config.manifest import write_manifest
-    from umarvel.evaluation.mbeir import evaluate_mbeir, render_table
-    from umarvel.modeling.embedder import Embedder
+    from umarvel.evaluation.mbeir import render_table
+    from umarvel.pipeline.stages import run_eval
 
-    if pool not in POOL_SETTINGS or split not in ("test", "val"):
-        _fail(
-            ConfigError(f"--pool must be local, global or both and --split test or val; got {pool}, {split}")
-        )
-    try:
-        config = _embedder_config(model, set_)
-        embedder = Embedder.from_config(config)
-        scores = evaluate_mbeir(embedder, root, out, split, POOL_SETTINGS[pool], tasks, factory)
-    except (InputError, ConfigError) as error:
-        _fail(error)
-    write_manifest(
-        out,
-        "eval mbeir",
-        config,
-        inputs={"mbeir_root": root},
-        extra={
-            "split": split,
-            "pool": pool,
-            "factory": factory,
-            "average": {"local": scores.average("local"), "global": scores.average("global")},
-        },
+    config = _config(
+        EvalConfig,
+        model=model,
+        settings=set_,
+        root=root,
+        out=out,
+        split=split,
+        pool=pool,
+        tasks=tasks,
+        factory=factory,
+        reranker=reranker,
+        rerank_top=rerank_top,
+        fusion_weight=fusion_weight,
     )
-    Console().print(render_table(scores))
-    if reranker is None:
-        return
-    del embedder
-    from umarvel.evaluation.rerank import rerank_runs
-
     try:
-        ranker, weight = _load_reranker(reranker, fusion_weight)
-        rows = [s.row for s in scores.rows]
-        reranked = rerank_runs(
-            ranker,
-            root,
-            out / "runs",
-            out / "rerank",
-            rows,
-            split,
-            POOL_SETTINGS[pool],
-            rerank_top,
-            (weight,),
-        )[weight]
+        artifact, scores, reranked = run_eval(config)
     except (InputError, ConfigError, ValueError) as error:
         _fail(error)
-    write_manifest(
-        out / "rerank",
-        "eval mbeir --reranker",
-        config,
-        inputs={"mbeir_root": root},
-        extra={
-            "reranker": reranker,
-            "rerank_top": rerank_top,
-            "fusion_weight": weight,
-            "split": split,
-            "average": {"local": reranked.average("local"), "global": reranked.average("global")},
-        },
-    )
-    Console().print(f"U-MARVEL+ (top {rerank_top} re-ranked, cos + {weight} * P(Yes)):")
-    Console().print(render_table(reranked))
-
-
-def _load_reranker(name: str, weight: float | None) -> tuple[Any, float]:
-    """The re-ranker and the fusion weight: the given one, else its tuned one, else the paper's 0.1."""
-    from umarvel.evaluation.rerank import DEFAULT_WEIGHT
-    from umarvel.modeling.reranker import Reranker
-
-    ranker = Reranker.from_pretrained(name)
-    if weight is None:
-        weight = ranker.fusion.get("weight")
-        if weight is None:
-            logging.getLogger(__name__).info(
-                "%s has no tuned fusion weight (umarvel tune-fusion); using %s", name, DEFAULT_WEIGHT
-            )
-            weight = DEFAULT_WEIGHT
-    return ranker, float(weight)
+    Console().print(render_table(scores))
+    if reranked is not None:
+        Console().print(f"U-MARVEL+ (top {rerank_top} re-ranked, cos + {artifact.extra['weight']} * P(Yes)):")
+        Console().print(render_table(reranked))
 
 
 @eval_app.command("zeroshot")
@@ -563,10 +529,12 @@ def quickstart(
 def serve(
     index_dir: Annotated[Path, typer.Argument(help="an index folder written by `umarvel index`")],
     reranker: Annotated[str | None, typer.Option(help="a re-ranker for rerank=true requests")] = None,
-    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 8000,
-    max_k: Annotated[int, typer.Option(help="largest k a request may ask for")] = 100,
-    max_image_mb: Annotated[float, typer.Option(help="largest uploaded image, MB")] = 8.0,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = ServeConfig.host,
+    port: Annotated[int, typer.Option(help="port")] = ServeConfig.port,
+    max_k: Annotated[int, typer.Option(help="largest k a request may ask for")] = ServeConfig.max_k,
+    max_image_mb: Annotated[
+        float, typer.Option(help="largest uploaded image, MB")
+    ] = ServeConfig.max_image_mb,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="runtime override, e.g. dtype=bfloat16 (not the model)")
     ] = None,
@@ -575,18 +543,26 @@ def serve(
     and the OpenAPI schema at /docs."""
     import uvicorn
 
+    from umarvel.config.stages import check_settings
     from umarvel.serve.app import ServeLimits, Service, create_app
 
+    config = _config(
+        ServeConfig,
+        index=index_dir,
+        reranker=reranker,
+        host=host,
+        port=port,
+        max_k=max_k,
+        max_image_mb=max_image_mb,
+        settings=set_,
+    )
     try:
-        overrides: dict[str, Any] = {}
-        for item in set_ or []:
-            apply_override(overrides, item)
-        limits = ServeLimits(max_k=max_k, max_image_bytes=int(max_image_mb * 1024 * 1024))
-        service = Service(index_dir, reranker, overrides, limits)
+        limits = ServeLimits(max_k=config.max_k, max_image_bytes=int(config.max_image_mb * 1024 * 1024))
+        service = Service(config.index, config.reranker, check_settings(config.settings), limits)
     except (InputError, ConfigError, FileNotFoundError) as error:
         _fail(error)
     console.print(f"serving {index_dir} ({service.index.size} candidates) on http://{host}:{port}/")
-    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="info")
 
 
 @app.command("train-reranker")
@@ -612,47 +588,47 @@ def score(
     reranker: Annotated[str, typer.Option(help="the re-ranker (R1) that scores the shortlists")],
     root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
     out: Annotated[Path, typer.Option(help="output folder: teacher.jsonl, summary.json, parts/")],
-    queries: Annotated[
-        str, typer.Option(help="query file under root")
-    ] = "query/union_train/mbeir_union_up_train.jsonl",
+    queries: Annotated[str, typer.Option(help="query file under root")] = ScoreConfig.queries,
     pool: Annotated[
         str, typer.Option(help="training pool under root; local pools are cut from it")
-    ] = "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
-    fraction: Annotated[float, typer.Option(help="share of each task's queries to score")] = 0.1,
-    top: Annotated[int, typer.Option(help="shortlist size K per query")] = 50,
-    alpha: Annotated[float, typer.Option(help="teacher = alpha * cos + (1 - alpha) * P(Yes)")] = 0.5,
+    ] = ScoreConfig.pool,
+    fraction: Annotated[
+        float, typer.Option(help="share of each task's queries to score")
+    ] = ScoreConfig.fraction,
+    top: Annotated[int, typer.Option(help="shortlist size K per query")] = ScoreConfig.top,
+    alpha: Annotated[
+        float, typer.Option(help="teacher = alpha * cos + (1 - alpha) * P(Yes)")
+    ] = ScoreConfig.alpha,
     alpha_task: Annotated[
         list[str] | None, typer.Option(help="per-task alpha, TASK=ALPHA (e.g. 0=0.75); repeatable")
     ] = None,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 42,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = ScoreConfig.seed,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
 ) -> None:
     """Score a stratified sample of training queries' shortlists with the re-ranker: the distillation
     teacher (resumable)."""
-    from umarvel.modeling.embedder import Embedder
-    from umarvel.modeling.reranker import Reranker
-    from umarvel.pipeline.rerank import parse_alphas, score_teacher
+    from umarvel.pipeline.stages import run_score
 
+    config = _config(
+        ScoreConfig,
+        model=model,
+        reranker=reranker,
+        settings=set_,
+        root=root,
+        out=out,
+        queries=queries,
+        pool=pool,
+        fraction=fraction,
+        top=top,
+        alpha=alpha,
+        alpha_task=alpha_task,
+        seed=seed,
+    )
     try:
-        config = _embedder_config(model, set_)
-        embedder = Embedder.from_config(config)
-        ranker = Reranker.from_pretrained(reranker)
-        path = score_teacher(
-            embedder,
-            ranker,
-            root,
-            out,
-            queries,
-            pool,
-            fraction,
-            top,
-            alpha,
-            parse_alphas(alpha_task or []),
-            seed,
-        )
+        artifact = run_score(config)
     except (InputError, ConfigError, ValueError) as error:
         _fail(error)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {artifact.path}")
 
 
 @app.command("tune-fusion")
@@ -661,65 +637,41 @@ def tune_fusion_command(
     reranker: Annotated[str, typer.Option(help="the re-ranker folder; the chosen weight is stored in it")],
     root: Annotated[Path, typer.Option(help="the M-BEIR folder")],
     out: Annotated[Path, typer.Option(help="output folder (retrieval runs, re-ranked runs, fusion.json)")],
-    split: Annotated[str, typer.Option(help="a validation split (never test)")] = "val",
-    rerank_top: Annotated[int, typer.Option(help="candidates re-ranked per query")] = 50,
+    split: Annotated[str, typer.Option(help="a validation split (never test)")] = TuneFusionConfig.split,
+    rerank_top: Annotated[
+        int, typer.Option(help="candidates re-ranked per query")
+    ] = TuneFusionConfig.rerank_top,
     grid: Annotated[list[float] | None, typer.Option(help="weights to try; repeatable")] = None,
-    pool: Annotated[str, typer.Option(help="local | global | both")] = "both",
+    pool: Annotated[str, typer.Option(help="local | global | both")] = TuneFusionConfig.pool,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
 ) -> None:
     """Pick the U-MARVEL+ fusion weight w (cos + w * P(Yes)) on a validation split and store it with
     the re-ranker."""
-    from umarvel.config.manifest import write_manifest
-    from umarvel.evaluation.mbeir import evaluate_mbeir
-    from umarvel.evaluation.rerank import DEFAULT_GRID, tune_fusion
-    from umarvel.modeling.embedder import Embedder
-    from umarvel.modeling.reranker import Reranker
+    from umarvel.pipeline.stages import run_tune_fusion
 
     if split == "test":
         _fail(ConfigError("tune-fusion refuses the test split: tune on val, report on test"))
-    if pool not in POOL_SETTINGS:
-        _fail(ConfigError(f"--pool must be local, global or both, got {pool}"))
+    config = _config(
+        TuneFusionConfig,
+        model=model,
+        reranker=reranker,
+        settings=set_,
+        root=root,
+        out=out,
+        split=split,
+        rerank_top=rerank_top,
+        grid=grid,
+        pool=pool,
+    )
     try:
-        config = _embedder_config(model, set_)
-        retrieval = evaluate_mbeir(
-            Embedder.from_config(config), root, out / "retrieval", split, POOL_SETTINGS[pool]
-        )
-        ranker = Reranker.from_pretrained(reranker)
-        rows = [s.row for s in retrieval.rows]
-        choice = tune_fusion(
-            ranker,
-            root,
-            out / "retrieval" / "runs",
-            out,
-            rows,
-            split,
-            POOL_SETTINGS[pool],
-            rerank_top,
-            tuple(grid) if grid else DEFAULT_GRID,
-        )
+        artifact = run_tune_fusion(config)
     except (InputError, ConfigError, ValueError) as error:
         _fail(error)
-    from umarvel.modeling.reranker import store_fusion
-
-    fusion = {**choice, "retriever": model}
-    try:
-        store_fusion(reranker, fusion)
-    except InputError as error:
-        _fail(error)
-    write_manifest(out, "tune-fusion", config, inputs={"mbeir_root": root}, extra={"fusion": fusion})
-    write_manifest(
-        Path(reranker),
-        "tune-fusion",
-        config,
-        inputs={"mbeir_root": root},
-        extra={"fusion": fusion},
-        filename="fusion_manifest.json",
-    )
     table = Table(title=f"fusion weight on {split} (mean of local and global averages)")
     table.add_column("w")
     table.add_column("score")
-    for weight, value in choice["by_weight"].items():
-        table.add_row(weight + (" *" if float(weight) == choice["weight"] else ""), f"{value:.2f}")
+    for weight, value in artifact.extra["by_weight"].items():
+        table.add_row(weight + (" *" if float(weight) == artifact.extra["weight"] else ""), f"{value:.2f}")
     Console().print(table)
 
 
@@ -730,8 +682,9 @@ def pipeline(
     from_: Annotated[str | None, typer.Option("--from", help="first stage to run")] = None,
     until: Annotated[str | None, typer.Option(help="last stage to run")] = None,
 ) -> None:
-    """Run a multi-stage recipe; finished stages with an unchanged fingerprint are skipped."""
-    from umarvel.pipeline.run import PipelineConfig, run_pipeline
+    """Run a multi-stage recipe: unchanged finished stages are skipped, changed ones rerun fresh (their
+    old folder kept aside), half-done ones resume."""
+    from umarvel.pipeline.run import run_pipeline
 
     try:
         config = load_config(recipe, overrides or [], cls=PipelineConfig)

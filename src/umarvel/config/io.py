@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,6 +20,12 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the key."""
+
+
+# A decimal number as YAML 1.2 writes one. PyYAML reads YAML 1.1, where a float needs a dot and a signed
+# exponent, so `1e-4` or `5E3` arrive as strings; a float field takes them as the numbers they spell.
+# Nothing else written as a string counts (no `nan` / `inf`, no `1_000`), and int fields take none.
+_DECIMAL = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 def _check(value: Any, annotation: Any, key: str) -> Any:
@@ -41,6 +49,13 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError("; ".join(errors))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        key_type, value_type = args or (Any, Any)
+        return {
+            _check(k, key_type, f"{key} key"): _check(v, value_type, f"{key}.{k}") for k, v in value.items()
+        }
     if origin in (list, tuple):
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
@@ -58,6 +73,8 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -100,10 +117,24 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _merge(into: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """`into` updated with `extra`, nested mappings merged key by key."""
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
+
+
 def load_config(
-    recipe: str | Path | None = None, overrides: Sequence[str] = (), cls: type[T] = RunConfig
-) -> T:  # type: ignore[assignment]
-    """Read a YAML recipe (only the keys that differ from the defaults), apply overrides, validate."""
+    recipe: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    cls: type[T] = RunConfig,  # type: ignore[assignment]
+    base: Mapping[str, Any] | None = None,
+) -> T:
+    """Read a YAML recipe (only the keys that differ from the defaults), merge the mapping `base` over
+    it (a pipeline stage's inline `config:`), apply overrides, validate."""
     data: dict[str, Any] = {}
     if recipe is not None:
         path = Path(recipe)
@@ -116,6 +147,7 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
         data = loaded
+    _merge(data, base or {})
     for override in overrides:
         apply_override(data, override)
     return from_dict(cls, data)

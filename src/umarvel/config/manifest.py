@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import platform
 import subprocess
 from collections.abc import Mapping
@@ -12,39 +11,26 @@ from pathlib import Path
 from typing import Any
 
 import umarvel
+from umarvel.config.digest import file_digest, folder_digest
 from umarvel.data.io import write_json
 
 MANIFEST = "manifest.json"
-_FULL_HASH_LIMIT = 64 * 2**20
-_CHUNK = 2**20
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
-    """Identify a file or folder: sha256 of small files; size + head/tail sha256 of large ones;
-    folders hash the sorted (relative name, size) list of their files."""
+    """Identify a file or folder by its full content digest (config/digest.py; cached, so cheap when
+    unchanged). A path that does not exist is recorded by name only."""
     path = Path(path)
     if path.is_dir():
-        digest = hashlib.sha256()
-        count = 0
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\n".encode())
-            count += 1
-        return {"path": str(path.resolve()), "kind": "folder", "files": count, "sha256": digest.hexdigest()}
+        return {"path": str(path.resolve()), "kind": "folder", "sha256": folder_digest(path)}
     if not path.is_file():
         return {"path": str(path), "kind": "name"}
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        if size <= _FULL_HASH_LIMIT:
-            for block in iter(lambda: handle.read(_CHUNK), b""):
-                digest.update(block)
-            kind = "sha256"
-        else:
-            digest.update(handle.read(_CHUNK))
-            handle.seek(size - _CHUNK)
-            digest.update(handle.read(_CHUNK))
-            kind = "sha256-head-tail"
-    return {"path": str(path.resolve()), "kind": kind, "bytes": size, "sha256": digest.hexdigest()}
+    return {
+        "path": str(path.resolve()),
+        "kind": "file",
+        "bytes": path.stat().st_size,
+        "sha256": file_digest(path),
+    }
 
 
 def git_commit() -> str | None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 Pooling = Literal["mean", "last_token"]
 AttentionMode = Literal["causal", "bidirectional"]
@@ -16,19 +16,29 @@ TrainableModule = Literal["vision", "projector"]
 LossKind = Literal["infonce", "distill"]
 
 
-# What defines an embedding space (kept from a checkpoint unless overridden), as opposed to runtime knobs.
-DEFINITION_FIELDS = (
-    "visual_tokens",
-    "attention",
-    "pooling",
-    "mask_instruction",
-    "normalize",
-    "format_text",
-    "temperature",
-    "learnable_temperature",
-    "temperature_min",
-    "temperature_max",
-)
+# Every embedder setting has one role (its field's metadata), read by every consumer through
+# `fields_with_role`:
+#   definition - what an embedding means (how items are rendered, encoded and pooled). Kept from a
+#                checkpoint unless overridden; part of every identity (encode keys, caches, indexes,
+#                stage fingerprints); an index refuses queries embedded under another definition.
+#   numeric    - how the numbers are computed (weights dtype, attention kernel). The embedding space is
+#                the same, so an index built in bf16 on one machine can be searched in fp32 on another,
+#                but the vectors differ in their last bits, so every cache keys on the resolved value:
+#                a cache never hands bf16 vectors to an fp32 run. Chosen per run (dtype `auto`), never
+#                kept from a checkpoint.
+#   state      - learned state saved with a checkpoint (the temperature): kept from it, but it scales
+#                scores in the loss and never changes an embedding.
+#   runtime    - batching, workers, compilation: the same rows come out (up to float rounding).
+Role = Literal["definition", "numeric", "state", "runtime"]
+
+
+def _setting(default: Any, role: Role) -> Any:
+    return field(default=default, metadata={"role": role})
+
+
+def fields_with_role(cls: type, *roles: Role) -> tuple[str, ...]:
+    """The names of `cls`'s fields whose metadata role is one of `roles`, in declaration order."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("role") in roles)
 
 
 @dataclass(frozen=True)
@@ -65,27 +75,27 @@ class EmbedderConfig:
     """
 
     model: str = "offline"
-    dtype: DType = "float32"
-    attn_implementation: AttentionKernel = "sdpa"
-    visual_tokens: int = 16
-    attention: AttentionMode = "bidirectional"
-    pooling: Pooling = "mean"
-    mask_instruction: bool = True
-    normalize: bool = True
-    temperature: float = 0.05
-    learnable_temperature: bool = True
-    temperature_min: float = 0.005
-    temperature_max: float = 1.0
-    max_text_tokens: int = 480
-    max_image_pixels: int = 300 * 28 * 28
-    format_text: bool = True
-    batch_size: int = 16
-    token_budget: int = 0
-    loader_workers: int = 0
-    compile: bool = False
-    video_frames: int = 0
-    video_fps: float = 2.0
-    video_max_frames: int = 768
+    dtype: DType = _setting("float32", "numeric")
+    attn_implementation: AttentionKernel = _setting("sdpa", "numeric")
+    visual_tokens: int = _setting(16, "definition")
+    attention: AttentionMode = _setting("bidirectional", "definition")
+    pooling: Pooling = _setting("mean", "definition")
+    mask_instruction: bool = _setting(True, "definition")
+    normalize: bool = _setting(True, "definition")
+    temperature: float = _setting(0.05, "state")
+    learnable_temperature: bool = _setting(True, "state")
+    temperature_min: float = _setting(0.005, "state")
+    temperature_max: float = _setting(1.0, "state")
+    max_text_tokens: int = _setting(480, "definition")
+    max_image_pixels: int = _setting(300 * 28 * 28, "definition")
+    format_text: bool = _setting(True, "definition")
+    batch_size: int = _setting(16, "runtime")
+    token_budget: int = _setting(0, "runtime")
+    loader_workers: int = _setting(0, "runtime")
+    compile: bool = _setting(False, "runtime")
+    video_frames: int = _setting(0, "definition")
+    video_fps: float = _setting(2.0, "definition")
+    video_max_frames: int = _setting(768, "definition")
 
     def __post_init__(self) -> None:
         if self.video_frames < 0 or self.video_fps <= 0 or self.video_max_frames < 4:
@@ -98,19 +108,6 @@ class EmbedderConfig:
         for name in ("visual_tokens", "max_text_tokens", "max_image_pixels", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class MBeirConfig:
-    """Where M-BEIR lives and how instructions are chosen.
-
-    root: the M-BEIR folder (query/, cand_pool/, qrels/, instructions/, mbeir_images/).
-    instruction_choice: `hash` picks prompt[hash(qid) % n] with a stable hash (deterministic, spread
-        over the variants); `first` always takes prompt_1.
-    """
-
-    root: str = "M-BEIR"
-    instruction_choice: InstructionChoice = "hash"
 
 
 @dataclass(frozen=True)
@@ -130,6 +127,8 @@ class DataSource:
         with the query file; its negatives become the rows' hard negatives (stage B).
     teacher: `mbeir` only: a `teacher.jsonl` written by `umarvel score`; the rows become its queries,
         each with its shortlist and teacher scores (stage C, re-ranker distillation).
+    instruction_choice: `mbeir` only: `hash` picks prompt[hash(qid) % n] with a stable hash
+        (deterministic, spread over the variants); `first` always takes prompt_1.
     """
 
     kind: SourceKind
@@ -141,6 +140,7 @@ class DataSource:
     max_rows: int = 0
     negatives: str | None = None
     teacher: str | None = None
+    instruction_choice: InstructionChoice = "hash"
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,6 @@ class RunConfig:
     """Top-level recipe: every group, the seed and the output folder."""
 
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
-    mbeir: MBeirConfig = field(default_factory=MBeirConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage: str = "train"
@@ -238,18 +237,24 @@ class RerankerConfig:
     max_text_tokens: the query text and the candidate text are each cut to this many tokens (256).
     max_image_pixels: images are downscaled to at most this many pixels.
     batch_size: pairs per forward pass when scoring.
+    video_frames / video_fps / video_max_frames: how videos are sampled, as for the embedder.
     """
 
     model: str = "offline"
-    dtype: DType = "float32"
-    attn_implementation: AttentionKernel = "sdpa"
-    visual_tokens: int = 16
-    max_text_tokens: int = 256
-    max_image_pixels: int = 300 * 28 * 28
-    format_text: bool = True
-    batch_size: int = 16
+    dtype: DType = _setting("float32", "numeric")
+    attn_implementation: AttentionKernel = _setting("sdpa", "numeric")
+    visual_tokens: int = _setting(16, "definition")
+    max_text_tokens: int = _setting(256, "definition")
+    max_image_pixels: int = _setting(300 * 28 * 28, "definition")
+    format_text: bool = _setting(True, "definition")
+    batch_size: int = _setting(16, "runtime")
+    video_frames: int = _setting(0, "definition")
+    video_fps: float = _setting(2.0, "definition")
+    video_max_frames: int = _setting(768, "definition")
 
     def __post_init__(self) -> None:
+        if self.video_frames < 0 or self.video_fps <= 0 or self.video_max_frames < 4:
+            raise ValueError("need video_frames >= 0, video_fps > 0 and video_max_frames >= 4")
         for name in ("visual_tokens", "max_text_tokens", "max_image_pixels", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from umarvel.config.schema import DataSource
+from umarvel.config.schema import DataSource, EmbedderConfig
 from umarvel.data.collator import EncodeItem
 from umarvel.data.io import InputError
 from umarvel.data.mbeir import Instructions, read_pool, read_queries
@@ -30,6 +30,17 @@ from umarvel.data.records import Candidate, Query, TrainGroup
 from umarvel.data.sampling import held_split, pick_negatives, pick_positive, row_rng, stable_hash, stable_id
 
 logger = logging.getLogger(__name__)
+
+# Stage B: a query whose mined negatives were all filtered out gets FALLBACK_NEGATIVES random pool
+# candidates instead, drawn (positives removed) from FALLBACK_SAMPLE pool candidates sampled by the
+# run seed and the qid, as the official code does, rather than being dropped from the stage.
+FALLBACK_SAMPLE = 64
+FALLBACK_NEGATIVES = 8
+
+# Video frame sampling when the caller gives none: the `EmbedderConfig` defaults (mbeir-protocol.md 3).
+VIDEO_FRAMES: int = EmbedderConfig.video_frames
+VIDEO_FPS: float = EmbedderConfig.video_fps
+VIDEO_MAX_FRAMES: int = EmbedderConfig.video_max_frames
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,12 @@ def _image_name(candidate: Candidate) -> str:
     return Path(str(candidate.image)).name
 
 
-def load_rows(source: DataSource) -> list[TrainRow]:
-    """Rows of one source (see `DataSource` for the kinds)."""
+def load_rows(source: DataSource, seed: int = 0) -> list[TrainRow]:
+    """Rows of one source (see `DataSource` for the kinds).
+
+    seed: the run's seed; it fixes the random pool negatives of a stage-B query left without mined ones
+        (0, the default, keeps the draws of runs made before the seed was passed).
+    """
     path = Path(source.path)
     if source.kind == "nli_csv":
         rows = _from_groups(read_nli_triples(path))
@@ -76,7 +91,7 @@ def load_rows(source: DataSource) -> list[TrainRow]:
             groups = [g for g in groups if held_split(_image_name(g.positive)) == source.split]
         rows = _from_groups(groups)
     elif source.kind == "mbeir":
-        rows = _mbeir_rows(path, source)
+        rows = _mbeir_rows(path, source, seed)
     else:  # pragma: no cover - the schema's Literal rules this out
         raise ValueError(f"unknown source kind {source.kind!r}")
     if source.max_rows:
@@ -87,8 +102,10 @@ def load_rows(source: DataSource) -> list[TrainRow]:
     return rows
 
 
-def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
-    instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv")
+def _mbeir_rows(root: Path, source: DataSource, seed: int = 0) -> list[TrainRow]:
+    instructions = Instructions.from_tsv(
+        root / "instructions" / "query_instructions.tsv", source.instruction_choice
+    )
     queries = read_queries(root / source.queries, instructions, image_root=root)
     pool = {c.did: c for c in read_pool(root / source.pool, image_root=root)}
     if source.teacher:
@@ -105,11 +122,12 @@ def _mbeir_rows(root: Path, source: DataSource) -> list[TrainRow]:
         listed = mined[number] if mined is not None else list(query.negatives)
         negatives = tuple(pool[d] for d in listed if d in pool)
         if mined is not None and not negatives:
-            # Every shortlisted candidate was filtered out: fall back to seeded random pool candidates,
-            # as the official code does, rather than dropping the query from stage B.
-            rng = row_rng(0, 0, stable_hash(query.qid))
-            others = [d for d in rng.sample(dids, min(len(dids), 64)) if d not in query.positives]
-            negatives = tuple(pool[d] for d in others[:8])
+            # Every shortlisted candidate was filtered out: fall back to seeded random pool candidates
+            # (see FALLBACK_SAMPLE) rather than dropping the query from stage B.
+            rng = row_rng(seed, 0, stable_hash(query.qid))
+            drawn = rng.sample(dids, min(len(dids), FALLBACK_SAMPLE))
+            others = [d for d in drawn if d not in query.positives]
+            negatives = tuple(pool[d] for d in others[:FALLBACK_NEGATIVES])
             filled += 1
         rows.append(TrainRow(query, positives, negatives))
     if filled:
@@ -170,10 +188,59 @@ def _mined_negatives(path: Path, queries: Sequence[Query]) -> list[list[str]]:
     return mined
 
 
-def encode_item(record: Query | Candidate, max_pixels: int, with_instruction: bool) -> EncodeItem:
-    image = load_image(record.image, max_pixels, where=record.source) if record.image is not None else None
+def encode_item(
+    record: Query | Candidate,
+    max_pixels: int,
+    with_instruction: bool,
+    *,
+    video_frames: int = VIDEO_FRAMES,
+    video_fps: float = VIDEO_FPS,
+    video_max_frames: int = VIDEO_MAX_FRAMES,
+) -> EncodeItem:
+    """A record as an `EncodeItem` with its media loaded, as `Embedder.to_item` loads it: the image, a
+    query's earlier images (multi-round FashionIQ) in order, and a video's frames sampled with
+    `video_frames` / `video_fps` / `video_max_frames` (the `EmbedderConfig` fields of those names).
+
+    with_instruction: keep a query's instruction (candidates never carry one).
+    """
+    where = record.source
+    image = load_image(record.image, max_pixels, where=where) if record.image is not None else None
     instruction = record.instruction if with_instruction and isinstance(record, Query) else None
-    return EncodeItem(text=record.text, image=image, instruction=instruction, where=record.source)
+    earlier = (
+        tuple(load_image(path, max_pixels, where=where) for path in record.images)
+        if isinstance(record, Query)
+        else ()
+    )
+    frames = None
+    if record.video is not None:
+        from umarvel.data.video import load_video
+
+        frames = tuple(
+            load_video(
+                record.video,
+                nframes=video_frames,
+                fps=video_fps,
+                max_frames=video_max_frames,
+                max_pixels=max_pixels,
+                where=where,
+            )
+        )
+    return EncodeItem(
+        text=record.text, image=image, instruction=instruction, where=where, video=frames, images=earlier
+    )
+
+
+def encode_record(record: Query | Candidate, settings: Any, with_instruction: bool) -> EncodeItem:
+    """`encode_item` with the image budget and video sampling of `settings` (an embedder's or a
+    re-ranker's config)."""
+    return encode_item(
+        record,
+        settings.max_image_pixels,
+        with_instruction,
+        video_frames=settings.video_frames,
+        video_fps=settings.video_fps,
+        video_max_frames=settings.video_max_frames,
+    )
 
 
 class TrainingSet(Dataset):
@@ -187,6 +254,7 @@ class TrainingSet(Dataset):
         distill_top: stage C: each item carries the row's first `distill_top` shortlist candidates and
             teacher scores (a shorter shortlist is padded and marked invalid); 0 for stages A and B.
         with_positive: stage C: also carry a positive (for the optional InfoNCE term).
+        video_frames / video_fps / video_max_frames: how videos are sampled (the embedder's settings).
     """
 
     def __init__(
@@ -197,6 +265,9 @@ class TrainingSet(Dataset):
         max_image_pixels: int = 300 * 28 * 28,
         distill_top: int = 0,
         with_positive: bool = True,
+        video_frames: int = VIDEO_FRAMES,
+        video_fps: float = VIDEO_FPS,
+        video_max_frames: int = VIDEO_MAX_FRAMES,
     ) -> None:
         self.rows = list(rows)
         self.seed = seed
@@ -204,6 +275,11 @@ class TrainingSet(Dataset):
         self.max_image_pixels = max_image_pixels
         self.distill_top = distill_top
         self.with_positive = with_positive
+        self.video = {
+            "video_frames": video_frames,
+            "video_fps": video_fps,
+            "video_max_frames": video_max_frames,
+        }
         self.epoch = 0
         if distill_top:
             bare = [r.query.source for r in self.rows if not r.shortlist]
@@ -224,26 +300,28 @@ class TrainingSet(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _encode(self, record: Query | Candidate) -> EncodeItem:
+        return encode_item(
+            record, self.max_image_pixels, with_instruction=isinstance(record, Query), **self.video
+        )
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        pixels = self.max_image_pixels
         negatives = pick_negatives(row.negatives, self.hard_negatives, self.seed, self.epoch, index)
         item: dict[str, Any] = {
-            "query": encode_item(row.query, pixels, with_instruction=True),
+            "query": self._encode(row.query),
             "positive": None,
-            "negatives": [encode_item(n, pixels, with_instruction=False) for n in negatives],
+            "negatives": [self._encode(n) for n in negatives],
             "negative_ids": [stable_id(n.did) for n in negatives],
         }
         if self.with_positive:
             positive = pick_positive(row.positives, self.seed, self.epoch, index)
-            item["positive"] = encode_item(positive, pixels, with_instruction=False)
+            item["positive"] = self._encode(positive)
             item["positive_id"] = stable_id(positive.did)
         if self.distill_top:
             kept = list(range(min(self.distill_top, len(row.shortlist))))
             padded = kept + [kept[-1]] * (self.distill_top - len(kept))
-            item["shortlist"] = [
-                encode_item(row.shortlist[i], pixels, with_instruction=False) for i in padded
-            ]
+            item["shortlist"] = [self._encode(row.shortlist[i]) for i in padded]
             item["shortlist_ids"] = [stable_id(row.shortlist[i].did) for i in padded]
             item["teacher"] = [row.teacher[i] for i in padded]
             item["shortlist_valid"] = [n < len(kept) for n in range(self.distill_top)]

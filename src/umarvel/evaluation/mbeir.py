@@ -180,6 +180,11 @@ def present_rows(mbeir: MBeir, split: str) -> list[Row]:
     ]  # type: ignore[arg-type]
 
 
+def _blank_if_none(value: float | None) -> float | str:
+    """A TSV cell: the value as the row cells write it (0.0 included), blank only when it is missing."""
+    return "" if value is None else value
+
+
 def write_results(scores: Scores, out_dir: str | Path, split: str) -> Path:
     """`mbeir_results.tsv` in UniIR's columns and `results.json`, values in percent."""
     out_dir = Path(out_dir)
@@ -213,9 +218,9 @@ def write_results(scores: Scores, out_dir: str | Path, split: str) -> Path:
                 split,
                 "",
                 "",
-                scores.average("local") or "",
+                _blank_if_none(scores.average("local")),
                 "",
-                scores.average("global") or "",
+                _blank_if_none(scores.average("global")),
             ]
         )
     write_json(out_dir / "results.json", scores.to_json())
@@ -231,14 +236,20 @@ def render_table(scores: Scores) -> str:
             f"| {s.row.name} | R@{s.row.k} | {local if local is not None else '-'} | "
             f"{global_ if global_ is not None else '-'} |"
         )
-    lines.append(f"| **average** | | {scores.average('local')} | {scores.average('global')} |")
+    local, global_ = (scores.average(setting) for setting in ("local", "global"))
+    lines.append(
+        f"| **average** | | {local if local is not None else '-'} | "
+        f"{global_ if global_ is not None else '-'} |"
+    )
     return "\n".join(lines)
 
 
-def _encode(embedder: object, items: Sequence[Any], path: Path, role: str, progress: bool) -> np.ndarray:
+def _encode(
+    embedder: object, items: Sequence[Any], path: Path, role: str, progress: bool, cache_dir: Path | None
+) -> np.ndarray:
     from umarvel.retrieval.encode import encode_corpus
 
-    return np.load(encode_corpus(embedder, items, path, role, progress=progress))  # type: ignore[arg-type]
+    return np.load(encode_corpus(embedder, items, path, role, cache_dir=cache_dir, progress=progress))  # type: ignore[arg-type]
 
 
 def evaluate_mbeir(
@@ -250,6 +261,8 @@ def evaluate_mbeir(
     tasks: Sequence[str] | None = None,
     factory: str = "Flat",
     progress: bool = True,
+    cache_dir: str | Path | None = None,
+    instruction_choice: str = "hash",
 ) -> Scores:
     """Embed every row's queries once and its local pool, search local pools and the global pool
     (the union pool file when present, else the concatenation of the local pools), write run files
@@ -263,10 +276,13 @@ def evaluate_mbeir(
         settings: pool settings to run.
         tasks: row names (e.g. `mscoco_task0`) to keep; all present rows by default.
         factory: FAISS factory string for the indexes (exact inner product by default).
+        instruction_choice: `hash` or `first` (data/mbeir.py `Instructions`).
+        cache_dir: a content-addressed embedding cache shared with other evaluations (e.g. the same
+            model on test and val, or with and without re-ranking).
     """
-    from umarvel.retrieval.index import Index, embedder_fingerprint
+    from umarvel.retrieval.index import Index, embedder_record
 
-    mbeir = MBeir(root)
+    mbeir = MBeir(root, instruction_choice)  # type: ignore[arg-type]
     rows = present_rows(mbeir, split)
     if tasks:
         unknown = sorted(set(tasks) - {r.name for r in ROWS})
@@ -280,22 +296,23 @@ def evaluate_mbeir(
     # Embeddings go through resumable, content-addressed shards: a killed evaluation picks up where it
     # stopped, and a rerun with the same embedder re-encodes nothing.
     embeddings = Path(out_dir) / "embeddings"
-    fingerprint = embedder_fingerprint(vars(embedder.settings))  # type: ignore[attr-defined]
-    run_id = str(fingerprint["model"]).replace(" ", "_")
+    fingerprint = embedder_record(embedder)
+    run_id = f"umarvel-{str(fingerprint['weights'])[:12]}"
+    cache = Path(cache_dir) if cache_dir is not None else None
     candidates: dict[str, np.ndarray] = {}
     queries: dict[str, tuple[list[str], np.ndarray]] = {}
     for row in rows:
         row_queries = mbeir.queries(row, split)  # type: ignore[arg-type]
         logger.info("%s: %d queries", row.name, len(row_queries))
         vectors = _encode(
-            embedder, row_queries, embeddings / f"{row.name}_{split}_queries.npy", "query", progress
+            embedder, row_queries, embeddings / f"{row.name}_{split}_queries.npy", "query", progress, cache
         )
         queries[row.name] = ([q.qid for q in row_queries], vectors)
         local = mbeir.pool(row, split)  # type: ignore[arg-type]
         pool = [c for c in local if c.did not in candidates]
         if pool:
             pool_vectors = _encode(
-                embedder, pool, embeddings / f"{row.name}_{split}_pool.npy", "candidate", progress
+                embedder, pool, embeddings / f"{row.name}_{split}_pool.npy", "candidate", progress, cache
             )
             candidates.update(zip((c.did for c in pool), pool_vectors, strict=True))
         if "local" in settings:
@@ -319,7 +336,7 @@ def evaluate_mbeir(
             if extra:
                 logger.info("embedding %d global-pool candidates not in any local pool", len(extra))
                 vectors = _encode(
-                    embedder, extra, embeddings / f"global_{split}_extra.npy", "candidate", progress
+                    embedder, extra, embeddings / f"global_{split}_extra.npy", "candidate", progress, cache
                 )
                 candidates.update(zip((c.did for c in extra), vectors, strict=True))
             global_ids = [c.did for c in union]

@@ -1,13 +1,14 @@
 """U-MARVEL+: re-rank the retriever's top K with the re-ranker, final score cos + w * P(Yes) (method 6.3).
 
 `rerank_runs` reads the retriever's TREC run files, scores each query's top K pairs with the re-ranker
-(P(Yes) cached per (qid, did) in an append-only file, so a killed run resumes and a second weight costs
-nothing), and writes re-ranked run files. `tune_fusion` picks w on a validation split from a grid by the
-mean of the local and global averages; the test split is refused.
+(P(Yes) cached by pair content and re-ranker identity in an append-only file, so a killed run resumes
+and a second weight costs nothing), and writes re-ranked run files. `tune_fusion` picks w on a
+validation split from a grid by the mean of the local and global averages; the test split is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -17,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from umarvel.config.stages import TuneFusionConfig
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.data.mbeir import MBeir, Row
 from umarvel.data.records import Candidate, Query
-from umarvel.data.training import encode_item
 from umarvel.evaluation.mbeir import (
     PoolSetting,
     Scores,
@@ -34,29 +35,52 @@ from umarvel.evaluation.mbeir import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT = 0.1  # the paper's shipped U-MARVEL+ weight (method 6.3)
-DEFAULT_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+DEFAULT_GRID = TuneFusionConfig.grid
 
 
 class PairScoreCache:
-    """P(Yes) per (qid, did), kept in an append-only JSONL file; a torn last line is ignored."""
+    """P(Yes) by pair content key (see `pair_keys`), kept in an append-only JSONL file; a torn last line
+    and lines of another format are ignored."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.scores: dict[tuple[str, str], float] = {}
+        self.scores: dict[str, float] = {}
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                    self.scores[record["key"]] = float(record["p_yes"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue
-                self.scores[(record["qid"], record["did"])] = float(record["p_yes"])
 
-    def add(self, keys: Sequence[tuple[str, str]], values: np.ndarray) -> None:
+    def add(self, keys: Sequence[str], pairs: Sequence[tuple[str, str]], values: np.ndarray) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
-            for (qid, did), value in zip(keys, values, strict=True):
-                self.scores[(qid, did)] = float(value)
-                handle.write(json.dumps({"qid": qid, "did": did, "p_yes": round(float(value), 6)}) + "\n")
+            for key, (qid, did), value in zip(keys, pairs, values, strict=True):
+                self.scores[key] = float(value)
+                record = {"key": key, "qid": qid, "did": did, "p_yes": round(float(value), 6)}
+                handle.write(json.dumps(record) + "\n")
+
+
+def pair_keys(
+    fingerprint: str,
+    wanted: Sequence[tuple[str, str]],
+    queries: dict[str, Query],
+    candidates: dict[str, Candidate],
+) -> dict[tuple[str, str], str]:
+    """(qid, did) -> the content key of the pair's P(Yes): the re-ranker's fingerprint (weights digest
+    and settings) and both records' content (text, instruction, image digests), so a changed re-ranker,
+    query or candidate is scored again."""
+    from umarvel.retrieval.encode import item_key
+
+    query_keys = {qid: item_key(queries[qid], "query", None, fingerprint) for qid in {q for q, _ in wanted}}
+    candidate_keys = {
+        did: item_key(candidates[did], "candidate", None, fingerprint) for did in {d for _, d in wanted}
+    }
+    return {
+        (qid, did): hashlib.sha256(f"{query_keys[qid]}:{candidate_keys[did]}".encode()).hexdigest()
+        for qid, did in wanted
+    }
 
 
 def score_pairs(
@@ -67,30 +91,24 @@ def score_pairs(
     cache: PairScoreCache,
     progress: bool = True,
     chunk: int = 128,
-) -> None:
-    """Fill `cache` with P(Yes) for every (qid, did) in `wanted` it lacks, chunk by chunk."""
-    from umarvel.modeling.reranker import RerankPair
+) -> dict[tuple[str, str], float]:
+    """P(Yes) of every (qid, did) in `wanted`: cached pairs are read, the others scored chunk by chunk
+    and added to `cache`."""
 
-    missing = list(dict.fromkeys(key for key in wanted if key not in cache.scores))
-    if not missing:
-        return
-    pixels = reranker.settings.max_image_pixels
-    logger.info("re-ranker: %d pairs to score (%d cached)", len(missing), len(wanted) - len(missing))
-    starts = range(0, len(missing), chunk)
-    if progress:
-        from rich.progress import track
+    keys = pair_keys(reranker.fingerprint, wanted, queries, candidates)
+    missing = list(dict.fromkeys(pair for pair in wanted if keys[pair] not in cache.scores))
+    if missing:
+        logger.info("re-ranker: %d pairs to score (%d cached)", len(missing), len(keys) - len(missing))
+        starts = range(0, len(missing), chunk)
+        if progress:
+            from rich.progress import track
 
-        starts = track(starts, description="re-ranking")  # type: ignore[assignment]
-    for start in starts:
-        keys = missing[start : start + chunk]
-        pairs = [
-            RerankPair(
-                encode_item(queries[qid], pixels, with_instruction=True),
-                encode_item(candidates[did], pixels, with_instruction=False),
-            )
-            for qid, did in keys
-        ]
-        cache.add(keys, reranker.score(pairs))
+            starts = track(starts, description="re-ranking")  # type: ignore[assignment]
+        for start in starts:
+            batch = missing[start : start + chunk]
+            pairs = [reranker.pair(queries[qid], candidates[did]) for qid, did in batch]
+            cache.add([keys[pair] for pair in batch], batch, reranker.score(pairs))
+    return {pair: cache.scores[key] for pair, key in keys.items()}
 
 
 def fuse(
@@ -131,10 +149,11 @@ def rerank_runs(
     top: int = 50,
     weights: Sequence[float] = (DEFAULT_WEIGHT,),
     progress: bool = True,
+    instruction_choice: str = "hash",
 ) -> dict[float, Scores]:
     """Re-rank the run files in `runs_dir` for each weight; the first weight's runs and results go to
     `out_dir` (runs/, results.json, results.md); every weight's scores are returned."""
-    mbeir, runs_dir, out_dir = MBeir(root), Path(runs_dir), Path(out_dir)
+    mbeir, runs_dir, out_dir = MBeir(root, instruction_choice), Path(runs_dir), Path(out_dir)  # type: ignore[arg-type]
     queries, candidates = _records(mbeir, rows, split, settings)
     retrieved = {
         (row.name, setting): read_scored_run(runs_dir / run_file_name(row, setting, split))
@@ -150,7 +169,7 @@ def rerank_runs(
             runs_dir, f"run files name {len(unknown)} candidates absent from the pools (e.g. {unknown[0]})"
         )
     cache = PairScoreCache(out_dir / "pair_scores.jsonl")
-    score_pairs(reranker, wanted, queries, candidates, cache, progress)
+    p_yes = score_pairs(reranker, wanted, queries, candidates, cache, progress)
     results: dict[float, Scores] = {}
     for position, weight in enumerate(weights):
         target = out_dir / "runs" if position == 0 else Path(tempfile.mkdtemp(prefix="fusion-", dir=out_dir))
@@ -158,7 +177,7 @@ def rerank_runs(
         for (name, setting), runs in retrieved.items():
             row = next(r for r in rows if r.name == name)
             fused = {
-                qid: fuse(ranked, {d: cache.scores[(qid, d)] for d, _ in ranked[:top]}, weight, top)
+                qid: fuse(ranked, {d: p_yes[(qid, d)] for d, _ in ranked[:top]}, weight, top)
                 for qid, ranked in runs.items()
             }
             _write_fused(target / run_file_name(row, setting, split), row, fused, f"rerank_w{weight}")
@@ -190,16 +209,21 @@ def tune_fusion(
     top: int = 50,
     grid: Sequence[float] = DEFAULT_GRID,
     progress: bool = True,
+    instruction_choice: str = "hash",
 ) -> dict[str, Any]:
     """Choose the fusion weight on `split` (never `test`) and return {weight, top, split, objective per
     weight}; also writes `fusion.json` to `out_dir`."""
     if split == "test":
         raise ValueError("the fusion weight is tuned on a validation split, never on the test split")
-    results = rerank_runs(reranker, root, runs_dir, out_dir, rows, split, settings, top, grid, progress)
+    results = rerank_runs(
+        reranker, root, runs_dir, out_dir, rows, split, settings, top, grid, progress, instruction_choice
+    )
     table = {str(w): round(objective(s), 3) for w, s in results.items()}
     best = max(grid, key=lambda w: (objective(results[w]), -w))  # ties: the smaller weight
     # Leave the chosen weight's runs and results in out_dir (the cache makes this free).
-    rerank_runs(reranker, root, runs_dir, out_dir, rows, split, settings, top, (best,), progress=False)
+    rerank_runs(
+        reranker, root, runs_dir, out_dir, rows, split, settings, top, (best,), False, instruction_choice
+    )
     choice = {
         "weight": best,
         "top": top,

@@ -485,21 +485,13 @@ def _encode(
 
 
 def evaluate_task(embedder: Any, task: Task, progress: bool = True) -> dict[str, float]:
-    """The metrics of one task (percentages)."""
+    """The metrics of one task (percentages). A task's fixed frame count is encoded through a view of
+    `embedder` (`with_settings`); `embedder` itself is never changed."""
     if isinstance(task, Matched):
-        frames = getattr(task, "video_frames", None)
-        previous = embedder.settings
-        if frames:
-            import dataclasses
-
-            embedder.settings = dataclasses.replace(previous, video_frames=frames)
-        try:
-            queries = _encode(embedder, task.queries, progress)
-            candidates = _encode(
-                embedder, task.candidates, progress, getattr(task, "image_instruction", None)
-            )
-        finally:
-            embedder.settings = previous
+        if task.video_frames:
+            embedder = embedder.with_settings(video_frames=task.video_frames)
+        queries = _encode(embedder, task.queries, progress)
+        candidates = _encode(embedder, task.candidates, progress, task.candidate_instruction)
         scores = queries @ candidates.T
         if task.metric == "map":
             return {f"mAP@{k}": mean_average_precision(scores, task.relevant, k) for k in task.ks}

@@ -19,7 +19,7 @@ from umarvel.data.io import InputError, write_json, write_jsonl
 from umarvel.data.mbeir import Instructions, read_pool, read_queries
 from umarvel.mining.filters import RULES, NegativeRules, select_negatives
 from umarvel.retrieval.encode import encode_corpus
-from umarvel.retrieval.index import Index, embedder_fingerprint
+from umarvel.retrieval.index import Index, embedder_record
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ def mine_negatives(
     rules: NegativeRules,
     shortlist_size: int = 100,
     progress: bool = True,
+    instruction_choice: str = "hash",
 ) -> Path:
     """Mine hard negatives for every query of `queries_file` from `pool_file` (both under the M-BEIR
     `root`) and return the path of `negatives.jsonl`."""
     root, out_dir = Path(root), Path(out_dir)
-    instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv")
+    instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv", instruction_choice)  # type: ignore[arg-type]
     queries = read_queries(root / queries_file, instructions, image_root=root)
     pool = read_pool(root / pool_file, image_root=root)
     if not queries or not pool:
@@ -54,7 +55,7 @@ def mine_negatives(
         encode_corpus(embedder, pool, embeddings / "pool.npy", "candidate", progress=progress)
     )
     row_of = {c.did: i for i, c in enumerate(pool)}
-    index = Index(pool_vectors.shape[1], "Flat", embedder_fingerprint(vars(embedder.settings)))
+    index = Index(pool_vectors.shape[1], "Flat", embedder_record(embedder))
     index.add(pool_vectors, [c.did for c in pool])
     found = index.search(query_vectors, shortlist_size + rules.k)
     # Candidates whose content equals another candidate's: a copy of a positive is a false negative.

@@ -7,6 +7,7 @@ registered family.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -197,6 +198,11 @@ class Backbone:
     processor: Any
     spec: BackboneSpec
     source: str
+    # What the weights are: the content digest of a checkpoint folder, else of the weights as built;
+    # emptied when training starts (then computed again from the state when asked).
+    digest: str = ""
+    # The digest of the weights as loaded, kept through training: what a saved checkpoint came from.
+    source_digest: str = ""
 
     @property
     def base_model(self) -> nn.Module:
@@ -227,13 +233,47 @@ class Backbone:
         return self.model(**inputs, use_cache=False).last_hidden_state
 
     def save(self, directory: str | Path) -> None:
+        """Write the model, its processor and `umarvel_backbone.json` (family, and the source: a model
+        name, or the content digest of the checkpoint it was loaded from); the caller records the
+        folder's digest once everything it saves is in place."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+        # The source by content, not by path: the same weights saved from two copies of a folder are
+        # the same checkpoint.
+        source = f"checkpoint sha256:{self.source_digest}" if Path(self.source).is_dir() else self.source
         (directory / CHECKPOINT_FILE).write_text(
-            json.dumps({"family": self.spec.family, "source": self.source}, indent=2)
+            json.dumps({"family": self.spec.family, "source": source}, indent=2)
         )
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over a module's state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_digest(name: str, model: nn.Module) -> str:
+    """The digest of the weights `name` refers to: a folder's content digest (cached, so cheap when
+    unchanged), a cached hub snapshot's, else the digest of the weights as built (offline, tiny)."""
+    from umarvel.config.digest import folder_digest
+
+    path = Path(name)
+    if path.is_dir():
+        return folder_digest(path)
+    if name != "offline" and not name.startswith("tiny:"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return folder_digest(snapshot_download(name, local_files_only=True))
+        except Exception as error:  # not a cached hub snapshot: fall back to the loaded weights
+            logger.debug("no local snapshot for %s (%s); digesting the loaded weights", name, error)
+    return state_digest(model)
 
 
 def _tiny(family: str) -> tuple[nn.Module, Any]:
@@ -261,10 +301,14 @@ def load_backbone(
         model.set_attn_implementation(attn_implementation)
     else:
         model, processor, spec = _load_pretrained(name, dtype, attn_implementation)
+    # Built weights are digested before the cast, so the digest does not depend on the dtype.
+    digest = weights_digest(name, model)
     model = model.to(dtype).eval()
-    for name in spec.fp32_modules:
-        model.get_submodule(name).float()
-    return Backbone(model=model, processor=processor, spec=spec, source=name)
+    for module in spec.fp32_modules:
+        model.get_submodule(module).float()
+    return Backbone(
+        model=model, processor=processor, spec=spec, source=name, digest=digest, source_digest=digest
+    )
 
 
 def _load_pretrained(

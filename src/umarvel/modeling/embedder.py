@@ -31,14 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional
 
+from umarvel.config.digest import json_digest, record_digests
 from umarvel.config.io import from_dict
-from umarvel.config.schema import EmbedderConfig
+from umarvel.config.schema import EmbedderConfig, fields_with_role
 from umarvel.data.collator import Collator, EncodedBatch, EncodeItem
 from umarvel.data.io import InputError
 from umarvel.data.media import load_image
 from umarvel.data.records import Candidate, Query
 from umarvel.modeling.attention import set_attention_mode
-from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
+from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone, state_digest
 from umarvel.modeling.pooling import pool
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ logger = logging.getLogger(__name__)
 EMBEDDER_FILE = "umarvel_embedder.json"
 TEMPERATURE_FILE = "temperature.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a checkpoint folder keeps of its settings: what its embeddings mean and its learned state.
+SAVED_FIELDS = fields_with_role(EmbedderConfig, "definition", "state")
+
+
+def saved_settings(folder: str | Path) -> dict[str, Any]:
+    """The embedding definition and learned state saved in a checkpoint folder ({} for other models)."""
+    path = Path(folder) / EMBEDDER_FILE
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k in SAVED_FIELDS}
 
 
 def native_bf16() -> bool:
@@ -57,6 +68,20 @@ def native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_config(model: str, overrides: Sequence[str] = ()) -> EmbedderConfig:
+    """The settings to load `model` with: defaults, then a checkpoint folder's embedding definition and
+    learned state (roles `definition` and `state`: pooling, attention, instruction masking, text and
+    image budgets, video sampling, temperature), then the `key=value` overrides. Numeric and runtime
+    settings (dtype, batch size, ...) are the defaults unless overridden. The Python API
+    (`Embedder.from_pretrained`) resolves a folder the same way."""
+    from umarvel.config.io import apply_override
+
+    values: dict[str, Any] = {}
+    for override in overrides:
+        apply_override(values, override)
+    return from_dict(EmbedderConfig, {**saved_settings(model), **values, "model": model})
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -101,14 +126,12 @@ class Embedder(nn.Module):
     def from_pretrained(cls, model: str, **overrides: Any) -> Embedder:
         """Load `model` (`offline`, `tiny:<family>`, hub id or folder) with config `overrides`.
 
-        A folder saved by `save_pretrained` restores its embedding settings and temperature; explicit
-        overrides win.
+        A folder saved by `save_pretrained` restores its embedding definition and temperature (the
+        settings of roles `definition` and `state`); explicit overrides win. Numeric and runtime settings
+        (dtype, batch size, ...) are the defaults unless given.
         """
-        saved: dict[str, Any] = {}
         path = Path(model)
-        if (path / EMBEDDER_FILE).is_file():
-            saved = json.loads((path / EMBEDDER_FILE).read_text())
-        config = from_dict(EmbedderConfig, {**saved, **overrides, "model": model})
+        config = from_dict(EmbedderConfig, {**saved_settings(path), **overrides, "model": model})
         backbone = load_backbone(
             model,
             dtype=resolve_dtype(config.dtype),
@@ -134,13 +157,45 @@ class Embedder(nn.Module):
         return Embedder(self.backbone, dataclasses.replace(self.settings, **changes))
 
     def save_pretrained(self, directory: str | Path) -> None:
+        """Write a folder `from_pretrained` restores exactly, and record its content digest
+        (`umarvel_digest.json`), which becomes this embedder's weights digest."""
         directory = Path(directory)
         self.backbone.save(directory)
-        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "model"}
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k in SAVED_FIELDS}
         settings["temperature"] = float(self.temperature.detach())
         (directory / EMBEDDER_FILE).write_text(json.dumps(settings, indent=2))
         save_file({"log_temperature": self.log_temperature.detach().cpu()}, directory / TEMPERATURE_FILE)
         assert (directory / CHECKPOINT_FILE).is_file()
+        self.backbone.digest = record_digests(directory)
+
+    # ---- identity --------------------------------------------------------------------------------
+
+    @property
+    def weights_digest(self) -> str:
+        """The content digest of the weights: the checkpoint folder's, or (after training in memory,
+        before a save) the digest of the current state dict."""
+        if not self.backbone.digest:
+            self.backbone.digest = state_digest(self.model)
+        return self.backbone.digest
+
+    def identity(self) -> dict[str, Any]:
+        """What decides this embedder's vectors: the weights digest, the embedding definition and the
+        numbers' dtype and kernel (see the roles in config/schema.py)."""
+        settings = dataclasses.asdict(self.settings)
+        dtype = next(self.backbone.language_model.parameters()).dtype
+        return {
+            "weights": self.weights_digest,
+            "definition": {k: settings[k] for k in fields_with_role(EmbedderConfig, "definition")},
+            "numeric": {
+                "dtype": str(dtype).removeprefix("torch."),
+                "attn": self.settings.attn_implementation,
+            },
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of `identity()`: the key of every encode output and cache entry of this embedder."""
+        return json_digest(self.identity())
 
     def activation_checkpointing_enable(
         self,
@@ -164,6 +219,7 @@ class Embedder(nn.Module):
         super().train(mode)
         if mode:
             self._graphs.clear()  # a compiled graph holds the weights as constants; training changes them
+            self.backbone.digest = ""  # the weights may change: digest them again when asked
         vision = self.backbone.submodule("vision")
         if mode and not any(p.requires_grad for p in vision.parameters()):
             vision.eval()

@@ -27,18 +27,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from umarvel.config.digest import json_digest, record_digests
 from umarvel.config.io import from_dict
-from umarvel.config.schema import RerankerConfig
+from umarvel.config.schema import RerankerConfig, fields_with_role
 from umarvel.data.collator import EncodeItem
-from umarvel.data.io import InputError
+from umarvel.data.io import InputError, write_json
 from umarvel.data.text import format_string
 from umarvel.modeling.attention import set_attention_mode
-from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
+from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone, state_digest
 from umarvel.modeling.embedder import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 RERANKER_FILE = "reranker.json"
+# The tuned U-MARVEL+ fusion choice: a provenance file, outside the re-ranker's content digest, since it
+# changes how scores are fused, never a P(Yes).
+FUSION_FILE = "fusion.json"
 HEAD_FILE = "answer_head.safetensors"
 INSTRUCTION = (
     "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
@@ -71,11 +75,17 @@ class PairCollator:
     """Renders (query, candidate) pairs as one user turn plus the generation prompt."""
 
     def __init__(
-        self, processor: Any, nested_images: bool, max_text_tokens: int = 256, format_text: bool = True
+        self,
+        processor: Any,
+        nested_images: bool,
+        max_text_tokens: int = 256,
+        format_text: bool = True,
+        native_video: bool = False,
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.nested_images = nested_images
+        self.native_video = native_video
         self.max_text_tokens = max_text_tokens
         self.format_text = format_text
 
@@ -91,17 +101,22 @@ class PairCollator:
         )
 
     def render(self, pair: RerankPair) -> str:
+        """The prompt: the instruction, then each side's media (video, earlier images, image) and text,
+        in the same placeholder order as the embedder's collator."""
         content: list[dict[str, str]] = [{"type": "text", "text": f"{INSTRUCTION}\nQuery:"}]
         for label, item, with_instruction in (
             ("Query", pair.query, True),
             ("Candidate", pair.candidate, False),
         ):
-            if not (item.text or "").strip() and item.image is None:
-                raise InputError(item.where, f"empty {label.lower()}: no text and no image")
+            if not (item.text or "").strip() and not _media(item):
+                raise InputError(item.where, f"empty {label.lower()}: no text, image or video")
             if label == "Candidate":
                 content.append({"type": "text", "text": "\nCandidate:"})
-            if item.image is not None:
-                content.append({"type": "image"})
+            if item.video:
+                content.extend(
+                    [{"type": "video"}] if self.native_video else [{"type": "image"}] * len(item.video)
+                )
+            content.extend([{"type": "image"}] * (len(item.images) + (item.image is not None)))
             text = self._text(item, with_instruction)
             if text:
                 content.append({"type": "text", "text": f" {text}"})
@@ -109,18 +124,32 @@ class PairCollator:
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
 
+    def _images(self, item: EncodeItem) -> list[Any]:
+        frames = list(item.video) if item.video and not self.native_video else []
+        return frames + list(item.images) + ([item.image] if item.image is not None else [])
+
     def __call__(self, pairs: Sequence[RerankPair]) -> PairBatch:
         rendered = [self.render(pair) for pair in pairs]
         kwargs: dict[str, Any] = {}
-        per_pair = [[i.image for i in (p.query, p.candidate) if i.image is not None] for p in pairs]
+        per_pair = [[im for i in (p.query, p.candidate) for im in self._images(i)] for p in pairs]
         if any(per_pair):
             kwargs["images"] = per_pair if self.nested_images else [im for ims in per_pair for im in ims]
+        videos = [
+            list(i.video) for p in pairs for i in (p.query, p.candidate) if i.video and self.native_video
+        ]
+        if videos:
+            kwargs["videos"] = videos
+            kwargs["do_sample_frames"] = False  # frames are already sampled (data/video.py)
         encoding = self.processor(text=rendered, padding=True, return_tensors="pt", **kwargs)
         attention = encoding["attention_mask"]
         # The last real token of each row (right or left padding alike) predicts the answer.
         length = attention.shape[1]
         positions = length - 1 - torch.flip(attention, dims=[1]).argmax(dim=1)
         return PairBatch(dict(encoding), positions)
+
+
+def _media(item: EncodeItem) -> bool:
+    return item.image is not None or bool(item.video) or bool(item.images)
 
 
 def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
@@ -180,7 +209,11 @@ class Reranker(nn.Module):
         set_attention_mode(backbone.language_model, "causal")
         self.head = None if head is None else nn.Parameter(head, requires_grad=False)
         self.collator = PairCollator(
-            backbone.processor, backbone.spec.nested_images, config.max_text_tokens, config.format_text
+            backbone.processor,
+            backbone.spec.nested_images,
+            config.max_text_tokens,
+            config.format_text,
+            native_video=backbone.spec.native_video,
         )
         self.yes_id, self.no_id = answer_token_ids(backbone.processor.tokenizer)
         self.fusion: dict[str, Any] = dict(fusion or {})
@@ -193,7 +226,9 @@ class Reranker(nn.Module):
         fusion: dict[str, Any] = {}
         if (path / RERANKER_FILE).is_file():
             saved = json.loads((path / RERANKER_FILE).read_text())
-            fusion = saved.pop("fusion", {}) or {}
+            fusion = saved.pop("fusion", {}) or {}  # where re-rankers saved before fusion.json keep it
+        if (path / FUSION_FILE).is_file():
+            fusion = json.loads((path / FUSION_FILE).read_text())
         config = from_dict(RerankerConfig, {**saved, **overrides, "model": model})
         dtype = resolve_dtype(config.dtype)
         backbone = load_backbone(model, dtype, config.attn_implementation, config.visual_tokens)
@@ -216,8 +251,47 @@ class Reranker(nn.Module):
         if self.head is not None:
             save_file({"weight": self.head.detach().cpu().contiguous()}, directory / HEAD_FILE)
         settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "model"}
-        settings["fusion"] = self.fusion
         (directory / RERANKER_FILE).write_text(json.dumps(settings, indent=2))
+        if self.fusion:
+            store_fusion(directory, self.fusion)
+        self.backbone.digest = record_digests(directory)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides this re-ranker's P(Yes): the weights digest, how pairs are rendered, and the
+        numbers' dtype and kernel."""
+        if not self.backbone.digest:
+            self.backbone.digest = state_digest(self.model)
+        settings = dataclasses.asdict(self.settings)
+        dtype = next(self.backbone.language_model.parameters()).dtype
+        return {
+            "weights": self.backbone.digest,
+            "definition": {k: settings[k] for k in fields_with_role(RerankerConfig, "definition")},
+            "numeric": {
+                "dtype": str(dtype).removeprefix("torch."),
+                "attn": self.settings.attn_implementation,
+            },
+        }
+
+    def item(self, record: Any, with_instruction: bool) -> EncodeItem:
+        """A query or candidate record as this re-ranker reads it (image budget, video sampling)."""
+        from umarvel.data.training import encode_record
+
+        return encode_record(record, self.settings, with_instruction)
+
+    def pair(self, query: Any, candidate: Any) -> RerankPair:
+        """The (query with its instruction, candidate) pair of two records."""
+        return RerankPair(self.item(query, True), self.item(candidate, False))
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of `identity()`: the key of every cached P(Yes) of this re-ranker."""
+        return json_digest(self.identity())
+
+    def train(self, mode: bool = True) -> Reranker:
+        super().train(mode)
+        if mode:
+            self.backbone.digest = ""  # the weights may change: digest them again when asked
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -257,10 +331,8 @@ class Reranker(nn.Module):
 
 
 def store_fusion(directory: str | Path, fusion: dict[str, Any]) -> None:
-    """Record a tuned fusion choice in a saved re-ranker's settings file."""
-    path = Path(directory) / RERANKER_FILE
-    if not path.is_file():
-        raise InputError(path, "not a saved re-ranker folder (no reranker.json)")
-    settings = json.loads(path.read_text())
-    settings["fusion"] = fusion
-    path.write_text(json.dumps(settings, indent=2))
+    """Record a tuned fusion choice beside a saved re-ranker (`fusion.json`; its digest is unchanged)."""
+    directory = Path(directory)
+    if not (directory / RERANKER_FILE).is_file():
+        raise InputError(directory / RERANKER_FILE, "not a saved re-ranker folder (no reranker.json)")
+    write_json(directory / FUSION_FILE, fusion)

@@ -7,7 +7,6 @@ nothing outside the index folder.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -21,7 +20,7 @@ from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError, read_jsonl, write_jsonl
 from umarvel.data.records import Candidate, Query
-from umarvel.retrieval.index import Index, SearchResult, embedder_fingerprint
+from umarvel.retrieval.index import Index, SearchResult, embedder_record
 
 CANDIDATES_FILE = "candidates.jsonl"
 MEDIA_DIR = "media"
@@ -66,7 +65,7 @@ def build_index(
     vectors_path = encode_corpus(
         embedder, items, out_dir / "embeddings.npy", "candidate", cache_dir=cache_dir, progress=progress
     )
-    index = Index(embedder.dim, factory, embedder_fingerprint(dataclasses.asdict(config)))
+    index = Index(embedder.dim, factory, embedder_record(embedder))
     index.add(np.load(vectors_path), ids)
     index.save(out_dir)
     write_jsonl(
@@ -126,10 +125,15 @@ def load_index_embedder(index_dir: str | Path, overrides: dict | None = None) ->
     from umarvel.modeling.embedder import Embedder
 
     index = Index.load(index_dir)
-    settings = {key: value for key, value in index.embedder.items() if value is not None}
-    settings.update(overrides or {})
-    embedder = Embedder.from_pretrained(settings.pop("model"), **settings)
-    index.check_embedder(dataclasses.asdict(embedder.settings))
+    record = index.embedder
+    numeric = record.get("numeric", {})
+    settings = {
+        **record.get("definition", {}),
+        **({"dtype": numeric["dtype"]} if numeric.get("dtype") in ("float32", "bfloat16", "float16") else {}),
+        **(overrides or {}),
+    }
+    embedder = Embedder.from_pretrained(record["model"], **settings)
+    index.check_embedder(embedder_record(embedder))
     return index, embedder
 
 
@@ -142,14 +146,12 @@ def rerank_hits(
     weight: float,
 ) -> list[tuple[str, float]]:
     """U-MARVEL+ for one query: the first `top` hits re-scored cos + weight * P(Yes), then the rest."""
-    from umarvel.data.training import encode_item
     from umarvel.evaluation.rerank import fuse
     from umarvel.modeling.reranker import RerankPair
 
     head = [d for d, _ in ranked[:top]]
-    pixels = ranker.settings.max_image_pixels
-    query_item = encode_item(query, pixels, with_instruction=True)
-    p_yes = ranker.score([RerankPair(query_item, encode_item(records[d], pixels, False)) for d in head])
+    query_item = ranker.item(query, with_instruction=True)
+    p_yes = ranker.score([RerankPair(query_item, ranker.item(records[d], False)) for d in head])
     return fuse(ranked, dict(zip(head, p_yes.tolist(), strict=True)), weight, top)
 
 

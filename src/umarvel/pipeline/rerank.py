@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from umarvel.config.digest import json_digest
 from umarvel.config.io import save_config
 from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import RerankerRunConfig
@@ -32,7 +33,7 @@ from umarvel.data.io import InputError, read_jsonl, write_json, write_jsonl
 from umarvel.data.mbeir import Instructions, dataset_id_of, read_pool, read_queries
 from umarvel.data.records import Candidate, Query
 from umarvel.data.sampling import row_rng
-from umarvel.data.training import encode_item, load_rows
+from umarvel.data.training import load_rows
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,18 @@ def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
 
     if not config.data.train:
         raise ValueError("the recipe has no data.train sources")
+    from umarvel.pipeline.run import claim_run, finish
+    from umarvel.pipeline.stages import Artifact
+
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    finished, key = claim_run("train_reranker", config)
+    if finished and (output_dir / "model").is_dir():
+        logger.info("%s: this recipe already finished training here", output_dir)
+        return output_dir / "model"
     save_config(config, output_dir / "config.yaml")
     reranker = Reranker.from_config(config.reranker)
-    rows = [row for source in config.data.train for row in load_rows(source)]
-    dataset = RerankSet(rows, config.seed, config.reranker.max_image_pixels)
+    rows = [row for source in config.data.train for row in load_rows(source, seed=config.seed)]
+    dataset = RerankSet(rows, config.seed, config.reranker)
     prepare_for_training(reranker, config.train.lora, config.train.trainable_modules, seed=config.seed)
     trainer = RerankerTrainer(
         model=reranker,
@@ -80,6 +87,7 @@ def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
             inputs[f"train_{i}_negatives"] = source.negatives
     write_manifest(output_dir, "train-reranker", config, inputs=inputs, extra={"model": str(model_dir)})
     write_manifest(model_dir, "train-reranker", config, inputs=inputs, extra={"stage": config.stage})
+    finish(output_dir, key, Artifact.of("reranker", model_dir))
     return model_dir
 
 
@@ -169,6 +177,7 @@ def score_teacher(
     seed: int = 42,
     chunk_queries: int = 8,
     progress: bool = True,
+    instruction_choice: str = "hash",
 ) -> Path:
     """Write `teacher.jsonl` for a stratified sample of training queries (see module docstring)."""
     from umarvel.modeling.reranker import RerankPair
@@ -178,7 +187,7 @@ def score_teacher(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     alpha_by_task = dict(alpha_by_task or {})
     root, out_dir = Path(root), Path(out_dir)
-    instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv")
+    instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv", instruction_choice)  # type: ignore[arg-type]
     queries = sample_queries(read_queries(root / queries_file, instructions, image_root=root), fraction, seed)
     pool = read_pool(root / pool_file, image_root=root)
     if not queries or not pool:
@@ -195,24 +204,36 @@ def score_teacher(
     by_did = {c.did: c for c in pool}
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    pixels = reranker.settings.max_image_pixels
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     chunks = range(0, len(queries), chunk_queries)
+    # A part is named by the digest of everything its records depend on: both models' identities, the
+    # fusion of scores, and its queries' content with their shortlists. A rerun reuses exactly the
+    # parts whose inputs are unchanged and deletes the others.
+    from umarvel.retrieval.encode import item_key
+
+    identities = {"embedder": embedder.fingerprint, "reranker": reranker.fingerprint}
+    shortlisted = {did for dids, _ in shortlists for did in dids}
+    content = {did: item_key(by_did[did], "candidate", None, "") for did in shortlisted}
+    content.update({q.qid: item_key(q, "query", None, "") for q in queries})
+    settings = {**identities, "alpha": alpha, "alpha_by_task": sorted(alpha_by_task.items())}
+    names = [
+        f"{number:05d}-{_part_key(settings, content, queries, shortlists, start, chunk_queries)}.jsonl"
+        for number, start in enumerate(chunks)
+    ]
+    for stale in parts.glob("*.jsonl"):
+        if stale.name not in set(names):
+            stale.unlink()
     for number, start in enumerate(_track(chunks, progress, "re-ranker scoring")):
-        part = parts / f"{number:05d}.jsonl"
+        part = parts / names[number]
         chunk = queries[start : start + chunk_queries]
         if part.is_file():
-            done = [r for _, r in read_jsonl(part)]
-            if [r["qid"] for r in done] == [q.qid for q in chunk]:
-                records.extend(done)
-                continue
+            records.extend(r for _, r in read_jsonl(part))
+            continue
         chunk_records = []
         for query, (dids, cosines) in zip(chunk, shortlists[start : start + chunk_queries], strict=True):
-            query_item = encode_item(query, pixels, with_instruction=True)
-            pairs = [
-                RerankPair(query_item, encode_item(by_did[d], pixels, with_instruction=False)) for d in dids
-            ]
+            query_item = reranker.item(query, with_instruction=True)
+            pairs = [RerankPair(query_item, reranker.item(by_did[d], with_instruction=False)) for d in dids]
             p_yes = reranker.score(pairs)
             weight = alpha_by_task.get(int(query.task_id) if query.task_id is not None else -1, alpha)
             chunk_records.append(
@@ -255,6 +276,25 @@ def score_teacher(
     )
     logger.info("teacher scores for %d queries: %s", len(records), json.dumps(summary["tasks"]))
     return out_dir / "teacher.jsonl"
+
+
+def _part_key(
+    settings: dict[str, Any],
+    content: dict[str, str],
+    queries: Sequence[Query],
+    shortlists: Sequence[tuple[list[str], list[float]]],
+    start: int,
+    size: int,
+) -> str:
+    """16 hex digits of the digest of one part's inputs (see `score_teacher`); `content` maps qids and
+    dids to their records' content keys."""
+    chunk = [
+        (content[query.qid], [content[d] for d in dids], [round(c, 6) for c in cosines])
+        for query, (dids, cosines) in zip(
+            queries[start : start + size], shortlists[start : start + size], strict=True
+        )
+    ]
+    return json_digest({**settings, "chunk": chunk})[:16]
 
 
 def _track(items: Sequence[int], progress: bool, description: str) -> Any:

@@ -1,89 +1,162 @@
-"""`umarvel pipeline`: run a multi-stage recipe in order, each stage reading the previous one's manifest.
+"""`umarvel pipeline`: run a multi-stage recipe, each stage a `{name, kind, config}` dispatched through the
+stage registry (pipeline/stages.py), later stages reading earlier stages' artifacts (`inputs:`).
 
-A stage folder `<output_dir>/<name>/` holds its artifact and `stage.json` (its fingerprint: the resolved
-stage config plus the fingerprints of the artifacts it reads). A stage whose `stage.json` is complete
-for the same fingerprint is skipped; a half-done stage resumes (training from its newest checkpoint,
-encoding from its finished shards). The LoRA is merged at the end of every training stage, and each
-stage starts a fresh one.
+A stage folder `<output_dir>/<name>/` holds the stage's outputs and `stage.json`: its fingerprint and,
+once finished, its artifact. The fingerprint is the digest of what decides the stage's result: its kind,
+its resolved config (recipe file, inline config and overrides merged; output paths left out), the
+pipeline seed, the content digests of the upstream artifacts it reads, and the content digests of the
+local files and folders its config names (data, base models). So:
+  - a finished stage with the same fingerprint is skipped;
+  - a half-done stage with the same fingerprint resumes (training from its newest checkpoint, encoding
+    from its finished shards);
+  - a stage whose fingerprint changed is moved aside, kept as `<name>.<old fingerprint[:12]>/`, and runs
+    fresh; every later stage then sees new digests and reruns too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from umarvel.config.io import ConfigError, load_config
-from umarvel.config.manifest import fingerprint
+from umarvel.config.digest import content_digest, json_digest
+from umarvel.config.io import ConfigError
+from umarvel.config.stages import PipelineConfig, StageSpec
 from umarvel.data.io import write_json
+from umarvel.pipeline.stages import REGISTRY, Artifact, stage_config
 
 logger = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage.
-
-    kind: `train` (an embedder stage recipe), `mine`, `train_reranker` (a re-ranker recipe), or `score`
-        (the distillation teacher from an embedder and a re-ranker).
-    recipe / overrides: the stage recipe and its `key=value` overrides (train, train_reranker).
-    model_from: the stage whose merged embedder this stage starts from (train) or uses (mine, score).
-    negatives_from: train / train_reranker: the `mine` stage whose negatives.jsonl feeds the first
-        data source.
-    reranker_from: score: the `train_reranker` stage whose re-ranker scores the shortlists.
-    teacher_from: train: the `score` stage whose teacher.jsonl feeds the first data source (stage C).
-    root, queries, pool, k, max_score, margin, shortlist, selection, rank_end: mine settings (root,
-        queries and pool also for score).
-    fraction, top, alpha: score settings.
-    """
-
-    name: str
-    kind: Literal["train", "mine", "train_reranker", "score"]
-    recipe: str | None = None
-    overrides: tuple[str, ...] = ()
-    model_from: str | None = None
-    negatives_from: str | None = None
-    reranker_from: str | None = None
-    teacher_from: str | None = None
-    root: str | None = None
-    queries: str = "query/union_train/mbeir_union_up_train.jsonl"
-    pool: str = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
-    k: int = 5
-    max_score: float | None = 0.7
-    margin: float | None = None
-    shortlist: int = 100
-    selection: Literal["top", "sample"] = "top"
-    rank_end: int = 100
-    fraction: float = 0.1
-    top: int = 50
-    alpha: float = 0.5
+RUN_FILE = "run.json"
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """A multi-stage recipe: stages in order, a seed shared by all, and the output folder."""
+def claim(folder: Path, fingerprint: str, marker: str = STAGE_FILE, unmarked: str | None = "*") -> bool:
+    """Make `folder` the home of the work with `fingerprint`; True when that work already finished.
 
-    stages: tuple[StageSpec, ...] = field(default_factory=tuple)
-    output_dir: str = "runs/pipeline"
-    seed: int = 42
+    Work with another fingerprint found there (finished or not) is moved aside to
+    `<folder>.<its fingerprint[:12]>` (kept, never deleted); work with the same one is left to resume.
+    Without a marker file, the folder is moved aside as `<folder>.unclaimed` when it holds anything
+    (`unmarked="*"`) or the named entry (e.g. "checkpoints")."""
+    record_file = folder / marker
+    if record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+        except json.JSONDecodeError:
+            record = {}
+        if record.get("fingerprint") == fingerprint:
+            return bool(record.get("complete"))
+        old = str(record.get("fingerprint") or "unknown")[:12]
+        aside = _free_name(folder.with_name(f"{folder.name}.{old}"))
+        logger.warning("%s was made by another recipe or other inputs; moved aside to %s", folder, aside)
+        os.replace(folder, aside)
+    elif unmarked is not None and (
+        (folder / unmarked).exists() if unmarked != "*" else folder.is_dir() and any(folder.iterdir())
+    ):
+        aside = _free_name(folder.with_name(f"{folder.name}.unclaimed"))
+        logger.warning("%s holds work of unknown origin; moved aside to %s", folder, aside)
+        os.replace(folder, aside)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(record_file, {"fingerprint": fingerprint, "complete": False})
+    return False
 
 
-def _artifact(stage_dir: Path) -> dict[str, Any]:
-    record = json.loads((stage_dir / STAGE_FILE).read_text())
-    if not record.get("complete"):
-        raise ConfigError(f"stage {stage_dir.name} has not finished")
-    return record
+def claim_run(kind: str, config: Any) -> tuple[bool, str]:
+    """`claim` for a training run in `config.output_dir` (`umarvel train` alone or inside a pipeline
+    stage): (finished already, fingerprint). Checkpoints left by a run of another recipe, other data
+    or another base model are moved aside rather than resumed."""
+    key = stage_fingerprint(kind, config, config.seed, {})
+    return claim(Path(config.output_dir), key, RUN_FILE, unmarked="checkpoints"), key
 
 
-def _stage_fingerprint(spec: StageSpec, seed: int, inputs: dict[str, Any]) -> str:
-    payload = json.dumps({"spec": dataclasses.asdict(spec), "seed": seed, "inputs": inputs}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _free_name(path: Path) -> Path:
+    candidate, number = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}-{number}")
+        number += 1
+    return candidate
+
+
+def finish(folder: Path, fingerprint: str, artifact: Artifact, marker: str = STAGE_FILE) -> None:
+    write_json(
+        folder / marker,
+        {"fingerprint": fingerprint, "complete": True, "artifact": dataclasses.asdict(artifact)},
+    )
+
+
+def read_artifact(stage_dir: Path) -> Artifact:
+    """The artifact of a finished stage folder."""
+    record_file = stage_dir / STAGE_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    if not record.get("complete") or "artifact" not in record:
+        raise ConfigError(f"stage {stage_dir.name} has not finished (no complete {record_file})")
+    return Artifact(**record["artifact"])
+
+
+def _without_outputs(values: Any, output_key: str) -> Any:
+    return {k: v for k, v in dataclasses.asdict(values).items() if k != output_key}
+
+
+def stage_fingerprint(kind: str, config: Any, seed: int, inputs: dict[str, Artifact]) -> str:
+    """The digest of what decides a stage's result (see module docstring); `config` is the stage's
+    config before its inputs are wired in."""
+    entry = REGISTRY[kind]
+    reads = {}
+    wired = set(inputs)
+    for path in entry.reads(config):
+        if Path(path).exists():
+            reads[str(Path(path).resolve())] = content_digest(path)
+        else:
+            raise ConfigError(f"{path}: no such file or folder (read by a {kind} stage)")
+    model = _named_model(config)
+    if model is not None and "model" not in wired and Path(model).is_dir():
+        reads[str(Path(model).resolve())] = content_digest(model)
+    return json_digest(
+        {
+            "kind": kind,
+            "config": _without_outputs(config, entry.output_key),
+            "seed": seed,
+            "inputs": {role: artifact.digest for role, artifact in sorted(inputs.items())},
+            "reads": reads,
+        }
+    )
+
+
+def _named_model(config: Any) -> str | None:
+    for group in ("embedder", "reranker"):
+        if hasattr(config, group) and hasattr(getattr(config, group), "model"):
+            return getattr(config, group).model
+    return getattr(config, "model", None)
+
+
+def validate(config: PipelineConfig) -> dict[str, Any]:
+    """Check the whole recipe before any stage runs: unique names, known kinds, inputs that name earlier
+    stages in roles the kind takes, and every stage config against its kind's class. Returns the
+    unwired configs by stage name."""
+    names = [s.name for s in config.stages]
+    if not names:
+        raise ConfigError("the pipeline has no stages")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique: {names}")
+    root = Path(config.output_dir)
+    configs = {}
+    for position, spec in enumerate(config.stages):
+        entry = REGISTRY[spec.kind]
+        for role, source in (spec.inputs or {}).items():
+            if role not in entry.inputs:
+                raise ConfigError(
+                    f"stage {spec.name}: a {spec.kind} stage takes inputs {sorted(entry.inputs)}, "
+                    f"not {role!r}"
+                )
+            if source not in names[:position]:
+                raise ConfigError(f"stage {spec.name}: input {role} {source!r} is not an earlier stage")
+        configs[spec.name] = stage_config(spec, root / spec.name, config.seed)
+    return configs
 
 
 def run_pipeline(
@@ -91,9 +164,8 @@ def run_pipeline(
 ) -> dict[str, str]:
     """Run the stages from `start` through `until` (names; default: all). Returns name -> status
     ("ran", "skipped")."""
+    configs = validate(config)
     names = [s.name for s in config.stages]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"stage names must be unique: {names}")
     for bound in (start, until):
         if bound is not None and bound not in names:
             raise ConfigError(f"no stage named {bound!r}; stages: {names}")
@@ -102,106 +174,26 @@ def run_pipeline(
     root = Path(config.output_dir)
     status: dict[str, str] = {}
     for spec in config.stages[first : last + 1]:
-        stage_dir = root / spec.name
-        inputs = {}
-        wiring = (
-            ("model", spec.model_from),
-            ("negatives", spec.negatives_from),
-            ("reranker", spec.reranker_from),
-            ("teacher", spec.teacher_from),
-        )
-        for role, source in wiring:
-            if source is not None:
-                if source not in names[: names.index(spec.name)]:
-                    raise ConfigError(f"stage {spec.name}: {role}_from {source!r} is not an earlier stage")
-                inputs[role] = _artifact(root / source)
-        key = _stage_fingerprint(spec, config.seed, inputs)
-        if (stage_dir / STAGE_FILE).is_file():
-            previous = json.loads((stage_dir / STAGE_FILE).read_text())
-            if previous.get("complete") and previous.get("fingerprint") == key:
-                logger.info("stage %s is up to date; skipped", spec.name)
-                status[spec.name] = "skipped"
-                continue
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json(stage_dir / STAGE_FILE, {"fingerprint": key, "complete": False})
-        artifact = _run_stage(spec, stage_dir, inputs, config.seed, progress)
-        write_json(stage_dir / STAGE_FILE, {"fingerprint": key, "complete": True, **artifact})
-        status[spec.name] = "ran"
+        status[spec.name] = run_stage(spec, configs[spec.name], root, config.seed, progress)
     return status
 
 
-def _with_first_source(config: Any, stage: str, **fields: str) -> Any:
-    """`config` with `fields` set on its first data.train source (negatives or teacher wiring)."""
-    if not config.data.train:
-        raise ConfigError(f"stage {stage}: wiring {sorted(fields)} needs a data.train source")
-    first = dataclasses.replace(config.data.train[0], **fields)
-    return dataclasses.replace(
-        config, data=dataclasses.replace(config.data, train=(first, *config.data.train[1:]))
-    )
+def run_stage(spec: StageSpec, stage_config: Any, root: Path, seed: int, progress: bool = True) -> str:
+    """Run (or skip, or resume) one stage in `root/<name>`; returns "ran" or "skipped"."""
+    entry = REGISTRY[spec.kind]
+    inputs = {role: read_artifact(root / source) for role, source in (spec.inputs or {}).items()}
+    key = stage_fingerprint(spec.kind, stage_config, seed, inputs)
+    stage_dir = root / spec.name
+    if claim(stage_dir, key):
+        logger.info("stage %s is up to date; skipped", spec.name)
+        return "skipped"
+    wired = stage_config
+    for role, artifact in inputs.items():
+        wired = entry.inputs[role](wired, artifact, spec.name)
+    logger.info("stage %s (%s) runs", spec.name, spec.kind)
+    artifact = entry.run(wired, progress)
+    finish(stage_dir, key, artifact)
+    return "ran"
 
 
-def _run_stage(
-    spec: StageSpec, stage_dir: Path, inputs: dict[str, Any], seed: int, progress: bool
-) -> dict[str, Any]:
-    overrides = [*spec.overrides, f"output_dir={stage_dir}", f"seed={seed}", f"stage={spec.name}"]
-    if spec.kind == "train":
-        from umarvel.pipeline.train import train_stage
-
-        if "model" in inputs:
-            overrides.append(f"embedder.model={inputs['model']['model']}")
-        config = load_config(spec.recipe, overrides)
-        if "negatives" in inputs:
-            config = _with_first_source(config, spec.name, negatives=inputs["negatives"]["negatives"])
-        if "teacher" in inputs:
-            config = _with_first_source(config, spec.name, teacher=inputs["teacher"]["teacher"])
-        model_dir = train_stage(config, progress=progress)
-        return {"model": str(model_dir), "weights": fingerprint(model_dir / "model.safetensors")["sha256"]}
-    if spec.kind == "train_reranker":
-        from umarvel.config.schema import RerankerRunConfig
-        from umarvel.pipeline.rerank import train_reranker
-
-        config = load_config(spec.recipe, overrides, RerankerRunConfig)
-        if "negatives" in inputs:
-            config = _with_first_source(config, spec.name, negatives=inputs["negatives"]["negatives"])
-        model_dir = train_reranker(config, progress=progress)
-        return {"reranker": str(model_dir), "weights": fingerprint(model_dir / "model.safetensors")["sha256"]}
-    from umarvel.modeling.embedder import Embedder
-
-    if "model" not in inputs or spec.root is None:
-        raise ConfigError(f"{spec.kind} stage {spec.name} needs model_from and root")
-    embedder = Embedder.from_pretrained(inputs["model"]["model"])
-    if spec.kind == "score":
-        from umarvel.modeling.reranker import Reranker
-        from umarvel.pipeline.rerank import score_teacher
-
-        if "reranker" not in inputs:
-            raise ConfigError(f"score stage {spec.name} needs reranker_from")
-        path = score_teacher(
-            embedder,
-            Reranker.from_pretrained(inputs["reranker"]["reranker"]),
-            spec.root,
-            stage_dir,
-            spec.queries,
-            spec.pool,
-            spec.fraction,
-            spec.top,
-            spec.alpha,
-            seed=seed,
-            progress=progress,
-        )
-        return {"teacher": str(path), "sha256": fingerprint(path)["sha256"]}
-    from umarvel.mining.filters import NegativeRules
-    from umarvel.mining.mine import mine_negatives
-
-    rules = NegativeRules(
-        k=spec.k,
-        max_score=spec.max_score,
-        margin=spec.margin,
-        selection=spec.selection,
-        rank_end=spec.rank_end,
-        seed=seed,
-    )
-    path = mine_negatives(
-        embedder, spec.root, spec.queries, spec.pool, stage_dir, rules, spec.shortlist, progress=progress
-    )
-    return {"negatives": str(path), "sha256": fingerprint(path)["sha256"]}
+__all__ = ["PipelineConfig", "StageSpec", "claim", "read_artifact", "run_pipeline", "stage_fingerprint"]

@@ -36,7 +36,7 @@ def build_trainer(config: RunConfig, output_dir: Path) -> Any:
     if not config.data.train:
         raise ValueError("the recipe has no data.train sources")
     embedder = Embedder.from_config(config.embedder)
-    rows = [row for source in config.data.train for row in load_rows(source)]
+    rows = [row for source in config.data.train for row in load_rows(source, seed=config.seed)]
     distill = config.train.loss == "distill"
     dataset = TrainingSet(
         rows,
@@ -45,6 +45,9 @@ def build_trainer(config: RunConfig, output_dir: Path) -> Any:
         max_image_pixels=config.embedder.max_image_pixels,
         distill_top=config.train.distill_top if distill else 0,
         with_positive=not distill or config.train.distill_infonce_weight > 0,
+        video_frames=config.embedder.video_frames,
+        video_fps=config.embedder.video_fps,
+        video_max_frames=config.embedder.video_max_frames,
     )
     prepare_for_training(embedder, config.train.lora, config.train.trainable_modules, seed=config.seed)
     return EmbedderTrainer(
@@ -61,14 +64,19 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
 
     from umarvel.evaluation.retrieval import evaluate_rows
+    from umarvel.pipeline.run import RUN_FILE, claim_run, finish
+    from umarvel.pipeline.stages import Artifact
     from umarvel.training.adapters import merge_adapters
 
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    finished, key = claim_run("train", config)
+    if finished and (output_dir / "model").is_dir():
+        logger.info("%s: this recipe already finished training here (%s)", output_dir, RUN_FILE)
+        return output_dir / "model"
     save_config(config, output_dir / "config.yaml")
     trainer = build_trainer(config, output_dir)
     embedder = trainer.model
-    eval_rows = load_rows(config.data.eval) if config.data.eval is not None else []
+    eval_rows = load_rows(config.data.eval, seed=config.seed) if config.data.eval is not None else []
     metrics: dict[str, Any] = {"stage": config.stage}
     checkpoints = output_dir / "checkpoints"
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
@@ -100,6 +108,7 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
         output_dir, "train", config, inputs=inputs, extra={"model": str(model_dir), "steps": metrics["steps"]}
     )
     write_manifest(model_dir, "train", config, inputs=inputs, extra={"stage": config.stage})
+    finish(output_dir, key, Artifact.of("model", model_dir))
     return model_dir
 
 

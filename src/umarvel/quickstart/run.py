@@ -6,8 +6,13 @@ mine (margin filter) -> B hard negatives -> mine for the re-ranker -> R1 -> teac
 Then each stage is evaluated on the test split (local and global pools), the fusion weight is tuned on
 val, U-MARVEL+ is evaluated on test, and the final model indexes the test pool.
 
-Output folder: M-BEIR/ (the benchmark), stages/ (one folder per stage), eval/ (one per stage),
-stages.md / stages.json / stages.png (the table and its chart), index/ (for search and serve).
+The whole experiment is one pipeline recipe (`pipeline.yaml` in the output folder), run stage by stage
+by the same runner as `umarvel pipeline`: every stage is fingerprinted by content, so a rerun skips what
+is unchanged and reruns exactly what changed.
+
+Output folder: M-BEIR/ (the benchmark), recipes/ and pipeline.yaml, stages/ (one folder per stage,
+evaluations, tuning and the index included), stages.md / stages.json / stages.png (the table and its
+chart), index -> stages/index (for search and serve).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import yaml
 
 from umarvel.data.io import atomic_write, write_json
+from umarvel.modeling.embedder import native_bf16
 from umarvel.quickstart.benchmark import build_quickstart_benchmark, shipped_data
 
 logger = logging.getLogger(__name__)
@@ -45,6 +51,9 @@ class QuickstartScale:
     shortlist: int
     rerank_top: int
 
+
+# Evaluation and indexing run in bfloat16 only where the machine computes it natively (dtype auto).
+DTYPE = "dtype=auto"
 
 SCALES = {
     "full": QuickstartScale("offline", 8, 10, 12, 8, 12, 6, 16, 0.5, 8, 3),
@@ -73,9 +82,9 @@ def _pairs(captions: Path, out: Path, seed: int) -> Path:
 
 def _recipes(folder: Path, root: Path, pairs: Path, scale: QuickstartScale) -> dict[str, Path]:
     """Write the stage recipes (YAML, as a user would) and return their paths by stage."""
-    embedder = {"model": scale.model, "dtype": "bfloat16", "max_text_tokens": 64}
+    embedder = {"model": scale.model, "dtype": "auto", "max_text_tokens": 64}
     lora = {"rank": 8, "alpha": 16, "dropout": 0.05}
-    common = {"bf16": True, "logging_steps": 1, "per_device_batch_size": scale.batch, "lora": lora}
+    common = {"bf16": native_bf16(), "logging_steps": 1, "per_device_batch_size": scale.batch, "lora": lora}
     mbeir = {"kind": "mbeir", "path": str(root)}
     recipes = {
         "A1_text": {
@@ -131,7 +140,7 @@ def _recipes(folder: Path, root: Path, pairs: Path, scale: QuickstartScale) -> d
         },
         "R1": {
             "stage": "R1",
-            "reranker": {"model": scale.model, "dtype": "bfloat16", "max_text_tokens": 64},
+            "reranker": {"model": scale.model, "dtype": "auto", "max_text_tokens": 64},
             "data": {"train": [mbeir]},
             "train": {
                 **common,
@@ -168,57 +177,88 @@ def _recipes(folder: Path, root: Path, pairs: Path, scale: QuickstartScale) -> d
     return paths
 
 
-def _pipeline(out: Path, root: Path, recipes: dict[str, Path], scale: QuickstartScale) -> Any:
-    from umarvel.pipeline.run import PipelineConfig, StageSpec
+EVALUATED = ("untrained", "A1_text", "A2_image_text", "A3_mbeir", "B_hard_negatives", "C_distill")
 
+
+def _stage(name: str, kind: str, recipe: Path | None = None, **wiring: Any) -> dict[str, Any]:
+    """One stage of the recipe: `inputs` and `config` mappings go in as given."""
+    stage: dict[str, Any] = {"name": name, "kind": kind}
+    if recipe is not None:
+        stage["recipe"] = str(recipe)
+    stage.update({key: value for key, value in wiring.items() if value})
+    return stage
+
+
+def _pipeline(out: Path, root: Path, recipes: dict[str, Path], scale: QuickstartScale) -> dict[str, Any]:
+    """The quickstart as one pipeline recipe (a plain mapping, written to `out/pipeline.yaml`): the
+    training stages, an evaluation of every stage on test, the fusion weight tuned on val, U-MARVEL+ on
+    test, and the index of the test pool."""
     mine = {"root": str(root), "shortlist": 40, "max_score": None}
-    return PipelineConfig(
-        stages=(
-            StageSpec("A1_text", "train", recipe=str(recipes["A1_text"])),
-            StageSpec("A2_image_text", "train", recipe=str(recipes["A2_image_text"]), model_from="A1_text"),
-            StageSpec("A3_mbeir", "train", recipe=str(recipes["A3_mbeir"]), model_from="A2_image_text"),
-            StageSpec("mine", "mine", model_from="A3_mbeir", k=2, margin=0.02, **mine),
-            StageSpec(
-                "B_hard_negatives",
-                "train",
-                recipe=str(recipes["B_hard_negatives"]),
-                model_from="A3_mbeir",
-                negatives_from="mine",
-            ),
-            StageSpec("mine_r1", "mine", model_from="A3_mbeir", k=4, selection="sample", rank_end=20, **mine),
-            StageSpec("R1", "train_reranker", recipe=str(recipes["R1"]), negatives_from="mine_r1"),
-            StageSpec(
-                "teacher",
-                "score",
-                model_from="B_hard_negatives",
-                reranker_from="R1",
-                root=str(root),
-                fraction=scale.teacher_fraction,
-                top=scale.shortlist,
-                alpha=0.5,
-            ),
-            StageSpec(
-                "C_distill",
-                "train",
-                recipe=str(recipes["C_distill"]),
-                model_from="B_hard_negatives",
-                teacher_from="teacher",
-            ),
+    cache = str(out / "stages" / "embedding_cache")
+    evaluation = {"root": str(root), "cache": cache, "settings": [DTYPE]}
+    test_pool = root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
+    teacher = {"root": str(root), "fraction": scale.teacher_fraction, "top": scale.shortlist, "alpha": 0.5}
+    rerank = {"rerank_top": scale.rerank_top}
+    stages = [
+        _stage("A1_text", "train", recipes["A1_text"]),
+        _stage("A2_image_text", "train", recipes["A2_image_text"], inputs={"model": "A1_text"}),
+        _stage("A3_mbeir", "train", recipes["A3_mbeir"], inputs={"model": "A2_image_text"}),
+        _stage("mine", "mine", inputs={"model": "A3_mbeir"}, config={**mine, "k": 2, "margin": 0.02}),
+        _stage(
+            "B_hard_negatives",
+            "train",
+            recipes["B_hard_negatives"],
+            inputs={"model": "A3_mbeir", "negatives": "mine"},
         ),
-        output_dir=str(out / "stages"),
-        seed=42,
-    )
+        _stage(
+            "mine_r1",
+            "mine",
+            inputs={"model": "A3_mbeir"},
+            config={**mine, "k": 4, "selection": "sample", "rank_end": 20},
+        ),
+        _stage("R1", "train_reranker", recipes["R1"], inputs={"negatives": "mine_r1"}),
+        _stage("teacher", "score", inputs={"model": "B_hard_negatives", "reranker": "R1"}, config=teacher),
+        _stage(
+            "C_distill",
+            "train",
+            recipes["C_distill"],
+            inputs={"model": "B_hard_negatives", "teacher": "teacher"},
+        ),
+        _stage("eval_untrained", "eval", config={**evaluation, "model": scale.model}),
+        *(
+            _stage(f"eval_{name}", "eval", inputs={"model": name}, config=evaluation)
+            for name in EVALUATED[1:]
+        ),
+        _stage(
+            "tune",
+            "tune_fusion",
+            inputs={"model": "C_distill", "reranker": "R1"},
+            config={**evaluation, **rerank, "grid": [0.0, 0.1, 0.3, 1.0]},
+        ),
+        _stage(
+            "eval_C_rerank",
+            "eval",
+            inputs={"model": "C_distill", "reranker": "R1", "fusion": "tune"},
+            config={**evaluation, **rerank},
+        ),
+        _stage(
+            "index",
+            "index",
+            inputs={"model": "C_distill"},
+            config={"pool": str(test_pool), "image_root": str(root), "settings": [DTYPE], "cache": cache},
+        ),
+    ]
+    return {"output_dir": str(out / "stages"), "seed": 42, "stages": stages}
 
 
 def run_quickstart(
     output_dir: str | Path = "runs/quickstart", scale: str = "full", console: Any = None
 ) -> dict:
     """Run everything (resumable) and return the stage table as a dict; prints it to `console`."""
-    from umarvel.evaluation.mbeir import compare_results, evaluate_mbeir, plot_comparison, render_stage_rows
-    from umarvel.evaluation.rerank import rerank_runs, tune_fusion
-    from umarvel.modeling.embedder import Embedder
-    from umarvel.modeling.reranker import Reranker
-    from umarvel.pipeline.run import run_pipeline
+    from umarvel.config.io import from_dict
+    from umarvel.config.stages import PipelineConfig
+    from umarvel.evaluation.mbeir import compare_results, plot_comparison, render_stage_rows
+    from umarvel.pipeline.run import read_artifact, run_stage, validate
 
     settings = SCALES[scale]
     out = Path(output_dir)
@@ -227,78 +267,40 @@ def run_quickstart(
     root = build_quickstart_benchmark(out / "M-BEIR")
     pairs = _pairs(shipped_data() / "coco_captions.csv", out / "coco_pairs.csv", seed=42)
     recipes = _recipes(out / "recipes", root, pairs, settings)
-    pipeline = _pipeline(out, root, recipes, settings)
+    recipe = _pipeline(out, root, recipes, settings)
+    with atomic_write(out / "pipeline.yaml") as handle:
+        handle.write("# The quickstart as one recipe: `umarvel pipeline` on it reruns what changed.\n")
+        yaml.safe_dump(recipe, handle, sort_keys=False)
+    pipeline = from_dict(PipelineConfig, recipe)
+    configs = validate(pipeline)
     times["benchmark"] = time.perf_counter() - started
+    stages = Path(pipeline.output_dir)
+    status = {}
     for spec in pipeline.stages:
         tick = time.perf_counter()
-        run_pipeline(pipeline, start=spec.name, until=spec.name)
+        status[spec.name] = run_stage(spec, configs[spec.name], stages, pipeline.seed, progress=False)
         times[spec.name] = time.perf_counter() - tick
-    stages = out / "stages"
-    evaluated = [("untrained", settings.model)] + [
-        (name, str(stages / name / "model"))
-        for name in ("A1_text", "A2_image_text", "A3_mbeir", "B_hard_negatives", "C_distill")
-    ]
-    runs = []
-    test_rows = []
-    for name, model in evaluated:
-        tick = time.perf_counter()
-        embedder = Embedder.from_pretrained(model, dtype="bfloat16")
-        test_rows = [s.row for s in evaluate_mbeir(embedder, root, out / "eval" / name, progress=False).rows]
-        runs.append((name, out / "eval" / name))
-        times[f"eval {name}"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    reranker = Reranker.from_pretrained(str(stages / "R1" / "model"))
-    final = Embedder.from_pretrained(str(stages / "C_distill" / "model"), dtype="bfloat16")
-    val = evaluate_mbeir(final, root, out / "tune" / "retrieval", "val", progress=False)
-    rows = [s.row for s in val.rows]
-    choice = tune_fusion(
-        reranker,
-        root,
-        out / "tune" / "retrieval" / "runs",
-        out / "tune",
-        rows,
-        "val",
-        top=settings.rerank_top,
-        grid=(0.0, 0.1, 0.3, 1.0),
-        progress=False,
-    )
-    rerank_runs(
-        reranker,
-        root,
-        out / "eval" / "C_distill" / "runs",
-        out / "eval" / "C_rerank",
-        test_rows,
-        top=settings.rerank_top,
-        weights=(choice["weight"],),
-        progress=False,
-    )
-    runs.append((f"C + rerank (w={choice['weight']})", out / "eval" / "C_rerank"))
-    times["tune fusion + rerank"] = time.perf_counter() - tick
+        logger.info("quickstart stage %s: %s in %.0f s", spec.name, status[spec.name], times[spec.name])
+    fusion = read_artifact(stages / "tune")
+    runs = [(name, stages / f"eval_{name}") for name in EVALUATED]
+    runs.append((f"C + rerank (w={fusion.extra['weight']})", stages / "eval_C_rerank" / "rerank"))
     _, table = compare_results(runs)
     markdown = render_stage_rows(table)
     (out / "stages.md").write_text(markdown + "\n")
     plot_comparison(table, out / "stages.png")
-    tick = time.perf_counter()
-    _index(final, root, out / "index")
-    times["index"] = time.perf_counter() - tick
+    index = out / "index"
+    if index.is_symlink() or index.is_file():
+        index.unlink()
+    if not index.exists():
+        index.symlink_to(Path(read_artifact(stages / "index").path).resolve(), target_is_directory=True)
     times["total"] = time.perf_counter() - started
     table["seconds"] = {k: round(v, 1) for k, v in times.items()}
-    table["fusion"] = choice
+    table["status"] = status
+    table["fusion"] = {"weight": fusion.extra["weight"], "by_weight": fusion.extra["by_weight"]}
     write_json(out / "stages.json", table)
     if console is not None:
         console.print(markdown)
         console.print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in table["seconds"].items()))
-        console.print(f"chart: {out / 'stages.png'}; index: {out / 'index'}")
-        console.print(f'try: umarvel search {out / "index"} --text "a red dress" -k 5')
+        console.print(f"chart: {out / 'stages.png'}; index: {index}; recipe: {out / 'pipeline.yaml'}")
+        console.print(f'try: umarvel search {index} --text "a red dress" -k 5')
     return table
-
-
-def _index(embedder: Any, root: Path, folder: Path) -> None:
-    """Index the test pool with the final model (candidates and media copied into the folder)."""
-    import dataclasses
-
-    from umarvel.pipeline.index import build_index
-
-    pool = root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
-    config = dataclasses.replace(embedder.settings)
-    build_index(config, pool, folder, image_root=root, progress=False)

@@ -8,7 +8,6 @@ encodes every WORLD_SIZE-th shard and rank 0 assembles the result.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
+from umarvel.config.digest import file_digest
 from umarvel.data.io import atomic_write
 from umarvel.data.records import Candidate, Query
 
@@ -30,37 +31,42 @@ Role = Literal["query", "candidate"]
 Item = Query | Candidate
 
 
-def _image_signature(image: object) -> str:
-    if image is None:
+def _media_signature(media: object) -> str:
+    """An image or video file by its content digest (a missing file by its name: reading it fails
+    later, naming the file); in-memory images by their pixels."""
+    if media is None:
         return ""
-    path = Path(str(image))
+    if isinstance(media, Image.Image):
+        return (
+            "pixels:" + hashlib.sha256(media.tobytes() + str((media.mode, media.size)).encode()).hexdigest()
+        )
     try:
-        stat = path.stat()
+        return "sha256:" + file_digest(Path(str(media)))
     except OSError:
-        return str(path)
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return f"missing:{media}"
 
 
 def item_key(item: Item, role: Role, instruction: str | None, fingerprint: str) -> str:
-    """Content address of one embedding: embedder settings, role, instruction, text, image and video file."""
+    """Content address of one embedding: the embedder's fingerprint (weights digest and embedding
+    definition), role, instruction, text, and the content digests of its image, video and earlier images."""
     own = item.instruction if isinstance(item, Query) and item.instruction is not None else instruction
     if role == "candidate":
         own = None
-    parts = [fingerprint, role, own, item.text, _image_signature(item.image)]
-    # Appended only when present, so the keys of existing image/text caches hold.
+    parts = [fingerprint, role, own, item.text, _media_signature(item.image)]
     if item.video is not None:
-        parts.append(_image_signature(item.video))
+        parts.append(_media_signature(item.video))
     if isinstance(item, Query) and item.images:
-        parts.append([_image_signature(p) for p in item.images])
+        parts.append([_media_signature(p) for p in item.images])
     payload = json.dumps(parts)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 class EmbeddingCache:
-    """Content-addressed store of embeddings for one embedder: shard files of (keys, vectors)."""
+    """Content-addressed store of embeddings for one embedder (a subfolder named by its fingerprint):
+    shard files of (keys, vectors)."""
 
     def __init__(self, folder: str | Path, fingerprint: str) -> None:
-        self.folder = Path(folder) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        self.folder = Path(folder) / fingerprint[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
         self.vectors: dict[str, np.ndarray] = {}
         for shard in sorted(self.folder.glob("cache-*.npz")):
@@ -106,11 +112,8 @@ def encode_corpus(
         cache_dir: content-addressed cache; items embedded before with the same settings are reused.
         wait_seconds: how long rank 0 waits for the other ranks' shards.
     """
-    from umarvel.retrieval.index import embedder_fingerprint
-
     output = Path(output)
-    settings = embedder_fingerprint(dataclasses.asdict(embedder.settings))  # type: ignore[attr-defined]
-    fingerprint = json.dumps(settings, sort_keys=True)
+    fingerprint = embedder.fingerprint  # type: ignore[attr-defined]
     parts = output.with_name(output.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     keys = [item_key(item, role, instruction, fingerprint) for item in items]

@@ -20,27 +20,16 @@ from umarvel.data.io import atomic_write, write_json
 logger = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.json", "index.json"
-# Settings that change embeddings; an index built with other values cannot be searched with this model.
-FINGERPRINT_KEYS = (
-    "model",
-    "pooling",
-    "attention",
-    "mask_instruction",
-    "normalize",
-    "max_image_pixels",
-    "visual_tokens",
-    "max_text_tokens",
-    "format_text",
-)
 
 
 class IndexMismatchError(ValueError):
     """The embedder asked to search differs from the one that built the index."""
 
 
-def embedder_fingerprint(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that decide what an embedding means (model and how items are rendered/pooled)."""
-    return {key: settings.get(key) for key in FINGERPRINT_KEYS}
+def embedder_record(embedder: Any) -> dict[str, Any]:
+    """What an index records of the embedder that built it: the model name it was loaded from, and its
+    identity (weights digest, embedding definition, numeric settings)."""
+    return {"model": embedder.settings.model, **embedder.identity()}
 
 
 @dataclass
@@ -58,7 +47,7 @@ class Index:
         dim: embedding dimension.
         factory: a FAISS factory string: "Flat" (exact, default), "IVF1024,Flat", "HNSW32",
             "IVF1024,PQ64", ...
-        embedder: fingerprint of the embedder whose vectors go in (see `embedder_fingerprint`).
+        embedder: the record of the embedder whose vectors go in (see `embedder_record`).
         nprobe: IVF lists visited per query (ignored by other indexes).
     """
 
@@ -106,17 +95,26 @@ class Index:
         ids = [[self.ids[r] if r >= 0 else "" for r in row] for row in rows]
         return SearchResult(ids=ids, scores=np.where(rows >= 0, scores, -np.inf))
 
-    def check_embedder(self, settings: Mapping[str, Any]) -> None:
-        """Raise IndexMismatchError unless `settings` fingerprint equals the index's embedder."""
-        wanted = embedder_fingerprint(settings)
-        if self.embedder and wanted != self.embedder:
-            diff = {
-                k: (self.embedder.get(k), wanted.get(k))
-                for k in wanted
-                if self.embedder.get(k) != wanted.get(k)
-            }
+    def check_embedder(self, record: Mapping[str, Any]) -> None:
+        """Raise IndexMismatchError unless `record` (see `embedder_record`) has the index's weights and
+        embedding definition; numeric settings (dtype, kernel) may differ, since the space is the same."""
+        if not self.embedder:
+            return
+        if record.get("weights") != self.embedder.get("weights"):
             raise IndexMismatchError(
-                f"this index was built with another embedder: (index, requested) = {diff}"
+                f"this index was built with other weights than those of {record.get('model')!r} "
+                f"(index {str(self.embedder.get('weights'))[:12]}, model {str(record.get('weights'))[:12]}): "
+                "the checkpoint changed since the index was built; rebuild the index"
+            )
+        built, wanted = self.embedder.get("definition", {}), record.get("definition", {})
+        diff = {
+            k: (built.get(k), wanted.get(k))
+            for k in sorted({*built, *wanted})
+            if built.get(k) != wanted.get(k)
+        }
+        if diff:
+            raise IndexMismatchError(
+                f"this index was built with another embedding definition: (index, requested) = {diff}"
             )
 
     def save(self, folder: str | Path) -> Path:

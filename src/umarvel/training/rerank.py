@@ -17,9 +17,10 @@ from torch.nn import functional
 from torch.utils.data import Dataset
 from transformers import Trainer
 
+from umarvel.config.schema import RerankerConfig
 from umarvel.data.io import InputError
 from umarvel.data.sampling import pick_positive, row_rng
-from umarvel.data.training import TrainRow, encode_item
+from umarvel.data.training import TrainRow, encode_record
 from umarvel.modeling.reranker import PairBatch, PairCollator, Reranker, RerankPair
 from umarvel.training.trainer import LoggedParts, TrainableCheckpoints, _EpochCallback
 
@@ -29,10 +30,10 @@ logger = logging.getLogger(__name__)
 class RerankSet(Dataset):
     """Map-style dataset: item i is query i with one positive and one negative for the epoch."""
 
-    def __init__(self, rows: Sequence[TrainRow], seed: int, max_image_pixels: int = 300 * 28 * 28) -> None:
+    def __init__(self, rows: Sequence[TrainRow], seed: int, settings: RerankerConfig | None = None) -> None:
         self.rows = list(rows)
         self.seed = seed
-        self.max_image_pixels = max_image_pixels
+        self.settings = settings or RerankerConfig()  # image budget and video sampling
         self.epoch = 0
         short = [r.query.source for r in self.rows if not r.negatives]
         if short:
@@ -48,10 +49,10 @@ class RerankSet(Dataset):
         row = self.rows[index]
         positive = pick_positive(row.positives, self.seed, self.epoch, index)
         negative = row_rng(self.seed + 1, self.epoch, index).choice(row.negatives)
-        query = encode_item(row.query, self.max_image_pixels, with_instruction=True)
+        query = encode_record(row.query, self.settings, with_instruction=True)
         pairs = [
-            RerankPair(query, encode_item(positive, self.max_image_pixels, with_instruction=False)),
-            RerankPair(query, encode_item(negative, self.max_image_pixels, with_instruction=False)),
+            RerankPair(query, encode_record(positive, self.settings, with_instruction=False)),
+            RerankPair(query, encode_record(negative, self.settings, with_instruction=False)),
         ]
         return {"pairs": pairs, "labels": [1, 0]}
 
