@@ -13,19 +13,31 @@ import hashlib
 import json
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
 
 
 def _cpu_flags() -> str:
+    """The flags that matter here: native bf16 (amx_bf16, avx512_bf16), avx512f, and SHA extensions."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        present = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return "unknown"
-    flags = sorted(set(re.findall(r"\b(amx_bf16|avx512_bf16|avx512f|sha_ni)\b", text)))
-    return ", ".join(flags) or "none of amx_bf16 / avx512_bf16 / avx512f / sha_ni"
+    wanted = ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "sha_ni")
+    have = [f for f in wanted if f in present]
+    lacking = [f for f in wanted if f not in present]
+    return ", ".join(have) + ("; no " + ", ".join(lacking) if lacking else "")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _head_tail(path: Path) -> str:
@@ -66,7 +78,7 @@ def main() -> None:
         (folder / f"{i:05d}.jpg").write_bytes(os.urandom(60_000))
     results = {
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_name(),
             "flags": _cpu_flags(),
             "cores": os.cpu_count(),
         },

@@ -46,22 +46,6 @@ def test_a_rerun_with_the_cache_embeds_nothing_and_gives_the_same_vectors(
     np.testing.assert_allclose(again, first[::-1])
 
 
-def test_two_ranks_split_the_shards_and_rank_0_assembles_them(
-    embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidate_encodes: list[int]
-) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    encode_corpus(embedder, ITEMS, tmp_path / "out.npy", shard_size=2, progress=False)
-    assert not (tmp_path / "out.npy").exists()
-    monkeypatch.setenv("RANK", "0")
-    result = np.load(encode_corpus(embedder, ITEMS, tmp_path / "out.npy", shard_size=2, progress=False))
-    assert candidate_encodes == [2, 1, 2, 2]  # rank 1: shards 1 and 3; rank 0: shards 0 and 2
-    monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("RANK")
-    single = np.load(encode_corpus(embedder, ITEMS, tmp_path / "single.npy", progress=False))
-    np.testing.assert_allclose(result, single, atol=1e-5)
-
-
 def test_index_then_search_finds_the_indexed_candidate(tmp_path: Path) -> None:
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"did": c.did, "txt": c.text}) + "\n" for c in ITEMS))

@@ -111,6 +111,22 @@ def test_gradcache_gives_the_gradients_of_the_plain_path(tmp_path: Path, dropout
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_gradcache_step_calls_the_engines_backward_exactly_once(tmp_path: Path, monkeypatch) -> None:
+    cached = _trainer(
+        tmp_path / "b", lora=LoraSettings(rank=4, alpha=8), hard_negatives=1, gradcache_chunk_size=2
+    )
+    calls: list[float] = []
+    original = cached.accelerator.backward
+
+    def counting(loss: torch.Tensor, **kwargs: object) -> None:
+        calls.append(float(loss.detach()))
+        original(loss, **kwargs)
+
+    monkeypatch.setattr(cached.accelerator, "backward", counting)
+    _gradients(cached, _fixed_batch(cached, chunk_size=2))
+    assert len(calls) == 1  # DeepSpeed steps its optimiser inside every engine backward
+
+
 class _Crash(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == 2:

@@ -40,10 +40,12 @@ DEFAULT_SHARED_DATA = Path(os.environ.get("UMARVEL_SHARED_DATA", "../shared/data
 
 
 class _MainProcessFilter(logging.Filter):
-    """Keep log records from the main process only (torchrun / accelerate set RANK)."""
+    """Keep log records from the main process only (under torchrun / accelerate launch)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return os.environ.get("RANK", "0") == "0"
+        from umarvel.distributed import world
+
+        return world().main
 
 
 @app.callback()

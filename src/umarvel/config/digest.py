@@ -70,6 +70,8 @@ class DigestCache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(folder / "digests.sqlite", timeout=60, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, signature TEXT, sha256 TEXT)"
             )
@@ -96,14 +98,20 @@ class DigestCache:
             return str(row[1])
         return None
 
-    def put(self, path: str, signature: str, sha256: str) -> None:
+    def put_many(self, entries: Iterable[tuple[str, str, str]]) -> None:
+        """Store (path, signature, sha256) entries in one transaction."""
+        entries = list(entries)
         with self.lock:
-            self.memory[path] = (signature, sha256)
-            if self.db is None:
+            for path, signature, sha256 in entries:
+                self.memory[path] = (signature, sha256)
+            if self.db is None or not entries:
                 return
             with contextlib.suppress(sqlite3.Error):
-                self.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", (path, signature, sha256))
+                self.db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", entries)
                 self.db.commit()
+
+    def put(self, path: str, signature: str, sha256: str) -> None:
+        self.put_many([(path, signature, sha256)])
 
 
 _cache: DigestCache | None = None
@@ -153,12 +161,30 @@ def content_files(folder: str | Path, exclude: Iterable[str] = PROVENANCE) -> li
 
 
 def file_digests(folder: str | Path, exclude: Iterable[str] = PROVENANCE) -> dict[str, str]:
-    """relative name -> sha256 for every content file of `folder` (hashed on a few threads)."""
+    """relative name -> sha256 for every content file of `folder`: unchanged files from the cache, the
+    others hashed on a few threads and cached in one transaction."""
     folder = Path(folder)
-    files = content_files(folder, exclude)
-    with ThreadPoolExecutor(max_workers=min(4, len(files) or 1)) as pool:
-        values = list(pool.map(file_digest, files))
-    return {path.relative_to(folder).as_posix(): value for path, value in zip(files, values, strict=True)}
+    cache = digest_cache()
+    found: dict[Path, str] = {}
+    missing: list[tuple[Path, str, str]] = []
+    for path in content_files(folder, exclude):
+        resolved = path.resolve()
+        signature = _signature(resolved.stat())
+        hit = cache.get(str(resolved), signature)
+        if hit is None:
+            missing.append((path, str(resolved), signature))
+        else:
+            found[path] = hit
+    if missing:
+        with ThreadPoolExecutor(max_workers=min(4, len(missing))) as pool:
+            values = list(pool.map(hash_file, [resolved for _, resolved, _ in missing]))
+        fresh = []
+        for (path, resolved, signature), value in zip(missing, values, strict=True):
+            found[path] = value
+            if _signature(Path(resolved).stat()) == signature:  # not written while it was hashed
+                fresh.append((resolved, signature, value))
+        cache.put_many(fresh)
+    return {path.relative_to(folder).as_posix(): found[path] for path in sorted(found)}
 
 
 def combine(digests: dict[str, str]) -> str:

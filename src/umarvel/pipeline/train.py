@@ -1,9 +1,14 @@
 """The `train` stage: one progressive-transition stage, from a recipe to a merged checkpoint.
 
 Output folder:
+    run.json              the run's fingerprint (recipe, seed, content digests of its data and base model)
+                          and, once finished, its artifact; a rerun with another fingerprint moves the
+                          folder aside (`<folder>.<old fingerprint[:12]>`) instead of resuming it
     config.yaml           the resolved recipe
-    checkpoints/          Trainer checkpoints (trainable weights, optimiser, scheduler, RNG); a rerun resumes
-    model/                the merged Hugging Face-format checkpoint, loadable with `--model`
+    checkpoints/          Trainer checkpoints (trainable weights, optimiser, scheduler, RNG); a rerun of
+                          the same recipe resumes from the newest
+    model/                the merged Hugging Face-format checkpoint, loadable with `--model`, with its
+                          content digest in umarvel_digest.json
     metrics.json          recall before / after on the held-aside source, time, loss history
     training_curve.png    loss and temperature per logged step
     manifest.json         resolved config, git commit, input fingerprints

@@ -2,8 +2,9 @@
 
 `encode_corpus` writes `shard-NNNNN.npy` files under a parts folder as it goes, so a killed run resumes
 where it stopped; with a cache folder, an item whose content and embedder settings were embedded before
-is never embedded again. Under torchrun / `accelerate launch` (RANK, WORLD_SIZE set), each process
-encodes every WORLD_SIZE-th shard and rank 0 assembles the result.
+is never embedded again. Under torchrun / `accelerate launch`, each process
+encodes every world-size-th shard, rank 0 assembles the result after a barrier, and every process
+returns it (umarvel/distributed.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image
 from umarvel.config.digest import file_digest
 from umarvel.data.io import atomic_write
 from umarvel.data.records import Candidate, Query
+from umarvel.distributed import barrier, broadcast, gather, run_on_main, world
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +87,6 @@ class EmbeddingCache:
         self.vectors.update(zip(keys, vectors, strict=True))
 
 
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def encode_corpus(
     embedder: object,
     items: Sequence[Item],
@@ -98,7 +96,6 @@ def encode_corpus(
     shard_size: int = 4096,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    wait_seconds: float = 3600.0,
 ) -> Path:
     """Embed `items` into `output` (.npy, float32, input order), resumably; returns the output path.
 
@@ -110,7 +107,10 @@ def encode_corpus(
         instruction: for queries without their own.
         shard_size: items per shard (the unit of resumption and of work split across processes).
         cache_dir: content-addressed cache; items embedded before with the same settings are reused.
-        wait_seconds: how long rank 0 waits for the other ranks' shards.
+
+    Under torchrun / accelerate launch every rank calls this with the same items: each encodes every
+    world-size-th shard, rank 0 assembles the output once all shards are written, and every rank returns
+    the finished output. An error on any rank is raised on every rank.
     """
     output = Path(output)
     fingerprint = embedder.fingerprint  # type: ignore[attr-defined]
@@ -120,11 +120,12 @@ def encode_corpus(
     # A finished output remembers the content hash of everything in it: the same call returns at once.
     done_key = hashlib.sha256("".join(keys).encode()).hexdigest()
     key_file = output.with_name(output.name + ".key")
-    if output.is_file() and key_file.is_file() and key_file.read_text() == done_key:
+    current = world()
+    up_to_date = broadcast(output.is_file() and key_file.is_file() and key_file.read_text() == done_key)
+    if up_to_date:
         logger.info("%s is up to date (%d items)", output, len(items))
         return output
     cache = EmbeddingCache(cache_dir, fingerprint) if cache_dir is not None else None
-    rank, world = _rank_world()
     # A shard file is named by the hash of its items' content keys: a rerun reuses exactly the shards
     # whose items, settings and image files are unchanged.
     shards = []
@@ -132,14 +133,40 @@ def encode_corpus(
         end = min(start + shard_size, len(items))
         digest = hashlib.sha256("".join(keys[start:end]).encode()).hexdigest()[:16]
         shards.append((parts / f"shard-{index:05d}-{digest}.npy", start, end))
-    if rank == 0:
+    if current.main:
         wanted = {path.name for path, _, _ in shards}
         for stale in parts.glob("shard-*.npy"):
             if stale.name not in wanted:
                 stale.unlink()
+    barrier()
+    mine = [(number, *shard) for number, shard in enumerate(shards) if number % current.size == current.rank]
+    try:
+        _encode_shards(embedder, items, keys, mine, role, instruction, cache, progress)
+        failure = None
+    except Exception as error:  # every rank learns of it below, so none waits forever
+        failure = error
+    failures = [f for f in gather(None if failure is None else repr(failure)) if f is not None]
+    if failure is not None:
+        raise failure
+    if failures:
+        raise RuntimeError(f"another rank failed while encoding {output}: {failures[0]}")
+    return run_on_main(_assemble, embedder, shards, output, key_file, done_key, parts)
+
+
+def _encode_shards(
+    embedder: object,
+    items: Sequence[Item],
+    keys: Sequence[str],
+    shards: Sequence[tuple[int, Path, int, int]],
+    role: Role,
+    instruction: str | None,
+    cache: EmbeddingCache | None,
+    progress: bool,
+) -> None:
+    """Encode this rank's shards that are not written yet (cache hits are copied, not encoded)."""
     started, encoded = time.perf_counter(), 0
-    for number, (path, start, end) in enumerate(shards):
-        if number % world != rank or path.is_file():
+    for number, path, start, end in shards:
+        if path.is_file():
             continue
         vectors = np.zeros((end - start, embedder.dim), dtype=np.float32)  # type: ignore[attr-defined]
         todo = []
@@ -164,13 +191,20 @@ def encode_corpus(
         logger.info("shard %d: items %d-%d (%d from cache)", number, start + 1, end, end - start - len(todo))
     if encoded:
         logger.info("embedded %d items at %.1f items/s", encoded, encoded / (time.perf_counter() - started))
-    if rank != 0:
-        return output
-    deadline = time.monotonic() + wait_seconds
-    while not all(path.is_file() for path, _, _ in shards):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"shards of other ranks did not appear in {parts} within {wait_seconds} s")
-        time.sleep(1.0)
+
+
+def _assemble(
+    embedder: object,
+    shards: Sequence[tuple[Path, int, int]],
+    output: Path,
+    key_file: Path,
+    done_key: str,
+    parts: Path,
+) -> Path:
+    """Concatenate the shards into `output` (rank 0, once every rank's shards are written)."""
+    missing = [path.name for path, _, _ in shards if not path.is_file()]
+    if missing:
+        raise RuntimeError(f"{parts}: shards {missing[:3]} were not written (was another writer here?)")
     dim = embedder.dim  # type: ignore[attr-defined]
     matrix = np.concatenate([np.load(p) for p, _, _ in shards]) if shards else np.zeros((0, dim), np.float32)
     with atomic_write(output, "wb") as handle:

@@ -6,7 +6,6 @@ bf16, checkpointing and resumption come from `Trainer` itself.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -244,9 +243,18 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
         return self._gradcache_step(model, inputs)
 
     def _gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """GradCache (Gao et al., 2021): embed every chunk without a graph, take the loss's gradient with
-        respect to the embeddings, then re-embed chunk by chunk with a graph and back-propagate that
-        gradient. Random states are replayed so dropout masks match between the two passes."""
+        """GradCache (Gao et al., 2021) with exactly one engine backward per step.
+
+        1. Embed every chunk without a graph and take the loss's gradients with respect to those cached
+           embeddings (and the temperature): nothing reaches the backbone yet.
+        2. One surrogate loss, the sum over chunks of <embedding, its cached gradient> (plus
+           <log temperature, its gradient>), whose chunks are re-embedded under activation
+           checkpointing with their random states replayed. Its gradient is the plain path's; its
+           backward recomputes one chunk's activations at a time, so memory stays that of one chunk.
+        The engine (DDP, DeepSpeed, FSDP) sees one `backward` of one loss, so it reduces gradients and,
+        under DeepSpeed, steps the optimiser once, as in the plain path."""
+        from torch.utils.checkpoint import checkpoint
+
         model.train()
         inputs = self._prepare_inputs(inputs)
         sides = [name for name in SIDES if name in inputs]
@@ -262,20 +270,23 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
         with self.compute_loss_context_manager():
             embedded = {side: torch.cat(leaves[side]) for side in sides}
             loss = self._loss(model, embedded, inputs) / self.current_gradient_accumulation_steps
-        # Gradients reach the cached embeddings and the temperature, never the backbone, here.
-        loss.backward()
         chunks = [(side, i) for side in sides for i in range(len(inputs[side]))]
-        for position, (side, i) in enumerate(chunks):
-            last = position == len(chunks) - 1
-            sync = self.accelerator.no_sync(model) if not last else contextlib.nullcontext()
-            with sync:
-                rng = torch.random.fork_rng(devices=list(range(torch.cuda.device_count())))
-                with rng:
-                    states[side][i].restore()
-                    with self.compute_loss_context_manager():
-                        embedding = model(_to_batch(inputs[side][i]))
-                    surrogate = (embedding * leaves[side][i].grad).sum()
-                self.accelerator.backward(surrogate)
+        log_temperature = self._embedder(model).log_temperature
+        targets = [leaves[side][i] for side, i in chunks]
+        if log_temperature.requires_grad:
+            targets.append(log_temperature)
+        grads = torch.autograd.grad(loss, targets, allow_unused=True)
+        surrogate = torch.zeros((), device=loss.device)
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            for (side, i), grad in zip(chunks, grads, strict=False):
+                states[side][i].restore()
+                batch = _to_batch(inputs[side][i])
+                with self.compute_loss_context_manager():
+                    embedding = checkpoint(model, batch, use_reentrant=False)
+                surrogate = surrogate + (embedding * grad).sum()
+        if log_temperature.requires_grad and grads[-1] is not None:
+            surrogate = surrogate + (log_temperature * grads[-1]).sum()
+        self.accelerator.backward(surrogate)
         return loss.detach()
 
     # ---- optimiser, logging, checkpoints --------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Multi-process paths run for real: 2 CPU processes in a gloo process group, as torchrun starts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+
+from umarvel.data.records import Candidate
+
+ITEMS = [Candidate(did=f"d{i}", text=f"candidate {i} about {w}") for i, w in enumerate("abcdefg")]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _join(rank: int, size: int, port: int) -> None:
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(size),
+            "LOCAL_WORLD_SIZE": str(size),
+        }
+    )
+
+
+def _encode_worker(rank: int, size: int, port: int, out: str, fail_rank: int) -> None:
+    _join(rank, size, port)
+    from umarvel.distributed import world
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.retrieval.encode import encode_corpus
+
+    items = list(ITEMS)
+    if rank == fail_rank:
+        items[-1] = Candidate(did="bad", image=Path(out) / "missing.jpg")
+    record: dict[str, object] = {"rank": rank, "world": world().size}
+    try:
+        path = encode_corpus(
+            Embedder.from_pretrained("tiny:qwen2_vl"),
+            items,
+            Path(out) / "e.npy",
+            shard_size=2,
+            progress=False,
+        )
+        record["rows"] = np.load(path).tolist()
+    except Exception as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _spawn(tmp_path: Path, fail_rank: int = -1) -> list[dict]:
+    mp.start_processes(
+        _encode_worker, args=(2, _free_port(), str(tmp_path), fail_rank), nprocs=2, start_method="spawn"
+    )
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_processes_encode_the_same_rows_as_one_and_every_rank_gets_them(tmp_path: Path) -> None:
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.retrieval.encode import encode_corpus
+
+    alone = np.load(
+        encode_corpus(Embedder.from_pretrained("tiny:qwen2_vl"), ITEMS, tmp_path / "one.npy", progress=False)
+    )
+    ranks = _spawn(tmp_path / "two")
+    assert [r["world"] for r in ranks] == [2, 2]
+    for record in ranks:
+        assert np.abs(np.array(record["rows"]) - alone).max() < 1e-6
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank_instead_of_a_hang(tmp_path: Path) -> None:
+    ranks = _spawn(tmp_path, fail_rank=1)
+    assert "missing.jpg" in ranks[1]["error"]
+    assert "another rank failed" in ranks[0]["error"]
+    assert not (tmp_path / "e.npy").exists()
+
+
+@pytest.mark.skipif(not (VENV_BIN / "torchrun").is_file(), reason="torchrun is not installed beside python")
+def test_embed_under_torchrun_writes_the_single_process_rows(tmp_path: Path) -> None:
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"txt": c.text}) + "\n" for c in ITEMS))
+    command = [str(VENV_BIN / "umarvel"), "embed", "--model", "tiny:qwen2_vl", "--input", str(items)]
+    alone = subprocess.run([*command, "--output", str(tmp_path / "one.npy")], capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    launched = subprocess.run(
+        [
+            str(VENV_BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(VENV_BIN / "umarvel"),
+            *command[1:],
+            "--output",
+            str(tmp_path / "two.npy"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-6)
