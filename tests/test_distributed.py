@@ -115,3 +115,67 @@ def test_embed_under_torchrun_writes_the_single_process_rows(tmp_path: Path) -> 
     )
     assert launched.returncode == 0, launched.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-6)
+
+
+def _train_worker(rank: int, size: int, port: int, out: str, engine: str, chunk: int) -> None:
+    if size > 1:
+        _join(rank, size, port)
+        from umarvel.distributed import world
+
+        world()
+    import torch
+
+    from tests.test_training import _trainer
+
+    settings: dict[str, object] = {"gradcache_chunk_size": chunk, "hard_negatives": 1, "max_steps": 2}
+    settings["per_device_batch_size"] = 8 // size  # the same global batch: the whole 8-row set
+    if engine.startswith("zero"):
+        config = Path(out) / "ds.json"
+        config.write_text(json.dumps({"zero_optimization": {"stage": int(engine[-1])}, "train_batch_size": "auto",
+                                      "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+                                      "gradient_accumulation_steps": "auto"}))  # fmt: skip
+        settings["deepspeed"] = str(config)
+    trainer = _trainer(Path(out) / f"run{rank}", save_steps=1000, **settings)
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    weights = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    torch.save({"weights": weights, "losses": losses}, Path(out) / f"rank{rank}.pt")
+
+
+def _train(out: Path, engine: str, chunk: int, size: int) -> list[dict]:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    if size == 1:
+        _train_worker(0, 1, 0, str(out), engine, chunk)
+    else:
+        mp.start_processes(
+            _train_worker,
+            args=(size, _free_port(), str(out), engine, chunk),
+            nprocs=size,
+            start_method="spawn",
+        )
+    return [torch.load(out / f"rank{r}.pt") for r in range(size)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _train(tmp_path_factory.mktemp("one"), "plain", 0, 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("engine", "chunk"),
+    [("ddp", 0), ("ddp", 2), ("zero1", 2), ("zero2", 2)],
+    ids=["ddp", "ddp-gradcache", "deepspeed-zero1-gradcache", "deepspeed-zero2-gradcache"],
+)
+def test_two_processes_train_to_the_single_process_weights(
+    engine: str, chunk: int, one_process: dict, tmp_path: Path
+) -> None:
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    ranks = _train(tmp_path, engine, chunk, 2)
+    for record in ranks:
+        assert record["losses"] == pytest.approx(one_process["losses"], abs=1e-5)
+        for name, value in one_process["weights"].items():
+            assert (record["weights"][name] - value).abs().max() < 1e-6, name

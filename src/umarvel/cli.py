@@ -754,5 +754,10 @@ def backbones() -> None:
     Console().print(table)
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m umarvel`
+def main() -> None:
+    """The console entry (`umarvel`, `python -m umarvel`)."""
     app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # `python -m umarvel.cli ...`, as launchers such as `accelerate launch -m` run it
+    main()

@@ -107,8 +107,9 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.model = backbone.model  # registered so .to(), .parameters() and saving see it
         set_attention_mode(backbone.language_model, config.attention)
+        # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be.
         self.log_temperature = nn.Parameter(
-            torch.tensor(math.log(config.temperature), dtype=torch.float32),
+            torch.tensor([math.log(config.temperature)], dtype=torch.float32),
             requires_grad=config.learnable_temperature,
         )
         # Compiled forwards for inference (`settings.compile`), kept out of the module tree (state dict).
@@ -141,7 +142,8 @@ class Embedder(nn.Module):
         embedder = cls(backbone, config)
         if (path / TEMPERATURE_FILE).is_file():
             with torch.no_grad():
-                embedder.log_temperature.copy_(load_file(path / TEMPERATURE_FILE)["log_temperature"])
+                saved = load_file(path / TEMPERATURE_FILE)["log_temperature"]
+                embedder.log_temperature.copy_(saved.reshape(1))  # checkpoints before 0.1.1 hold a 0-d one
         return embedder
 
     @classmethod
@@ -235,7 +237,7 @@ class Embedder(nn.Module):
     def temperature(self) -> torch.Tensor:
         """exp(log_temperature), clamped to [temperature_min, temperature_max]."""
         low, high = math.log(self.settings.temperature_min), math.log(self.settings.temperature_max)
-        return self.log_temperature.clamp(low, high).exp()
+        return self.log_temperature.clamp(low, high).exp().squeeze(0)
 
     @property
     def device(self) -> torch.device:

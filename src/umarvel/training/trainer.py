@@ -6,9 +6,11 @@ bf16, checkpointing and resumption come from `Trainer` itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,34 @@ class _EpochCallback(TrainerCallback):
     def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(int(state.epoch or 0))
+
+
+@dataclass
+class _GradCache:
+    """What GradCache's second pass needs: each chunk (its random state, its inputs) in order, the
+    loss's gradient with respect to each chunk's cached embedding, and the temperature's."""
+
+    chunks: list[tuple[_RngState, Any]]
+    grads: list[torch.Tensor | None]
+    log_temperature: torch.Tensor
+    temperature_grad: torch.Tensor | None
+
+    def temperature_term(self) -> torch.Tensor:
+        """<log temperature, its gradient>: back-propagated with the embeddings' terms."""
+        if self.temperature_grad is None:
+            return torch.zeros((), device=self.log_temperature.device)
+        return (self.log_temperature * self.temperature_grad).sum()
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    """Average the trainable parameters' gradients over the ranks (what DDP's reducer would have done)."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    for parameter in module.parameters():
+        if parameter.requires_grad and parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= size
 
 
 class _RngState:
@@ -165,8 +195,8 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
         config = self.train_config
         if config.loss == "distill":
             return self._distill_loss(model, embedded, inputs)
-        gather = config.gather_across_devices and world_size() > 1
-        scale = float(world_size()) if gather else 1.0
+        scale = self._loss_scale()
+        gather = scale > 1
         # Every rank computes the loss of the global batch; DDP averages gradients over ranks, so the
         # embeddings' path is scaled by the world size, and the temperature (shared, identical on every
         # rank) has that scale undone.
@@ -239,55 +269,107 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         if not self.train_config.gradcache_chunk_size:
-            return super().training_step(model, inputs, num_items_in_batch)
+            # The logged loss is the global batch's, whatever the world size.
+            return super().training_step(model, inputs, num_items_in_batch) / self._loss_scale()
         return self._gradcache_step(model, inputs)
 
     def _gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """GradCache (Gao et al., 2021) with exactly one engine backward per step.
+        """GradCache (Gao et al., 2021): embed every chunk without a graph and take the loss's gradients
+        with respect to those cached embeddings (and the temperature); then re-embed chunk by chunk with
+        a graph and back-propagate the cached gradients, with each chunk's random state replayed so its
+        dropout masks match. Memory stays that of one chunk; the gradients are the plain path's.
 
-        1. Embed every chunk without a graph and take the loss's gradients with respect to those cached
-           embeddings (and the temperature): nothing reaches the backbone yet.
-        2. One surrogate loss, the sum over chunks of <embedding, its cached gradient> (plus
-           <log temperature, its gradient>), whose chunks are re-embedded under activation
-           checkpointing with their random states replayed. Its gradient is the plain path's; its
-           backward recomputes one chunk's activations at a time, so memory stays that of one chunk.
-        The engine (DDP, DeepSpeed, FSDP) sees one `backward` of one loss, so it reduces gradients and,
-        under DeepSpeed, steps the optimiser once, as in the plain path."""
-        from torch.utils.checkpoint import checkpoint
-
+        How the second pass reaches the engine depends on it (`_backward_per_chunk`,
+        `_backward_once`)."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         sides = [name for name in SIDES if name in inputs]
         states: dict[str, list[_RngState]] = {}
         cached: dict[str, list[torch.Tensor]] = {}
+        # The graph-free pass needs no gradient synchronisation: under DDP it runs on the bare module, so
+        # the DDP reducer sees only the pass that backpropagates.
+        plain = self.accelerator.unwrap_model(model) if self._ddp(model) else model
         with torch.no_grad(), self.compute_loss_context_manager():
             for side in sides:
                 states[side], cached[side] = [], []
                 for chunk in inputs[side]:
                     states[side].append(_RngState())
-                    cached[side].append(model(_to_batch(chunk)))
+                    cached[side].append(plain(_to_batch(chunk)))
         leaves = {side: [c.detach().requires_grad_() for c in cached[side]] for side in sides}
         with self.compute_loss_context_manager():
             embedded = {side: torch.cat(leaves[side]) for side in sides}
             loss = self._loss(model, embedded, inputs) / self.current_gradient_accumulation_steps
-        chunks = [(side, i) for side in sides for i in range(len(inputs[side]))]
+        order = [(side, i) for side in sides for i in range(len(inputs[side]))]
         log_temperature = self._embedder(model).log_temperature
-        targets = [leaves[side][i] for side, i in chunks]
+        targets = [leaves[side][i] for side, i in order]
         if log_temperature.requires_grad:
             targets.append(log_temperature)
-        grads = torch.autograd.grad(loss, targets, allow_unused=True)
-        surrogate = torch.zeros((), device=loss.device)
+        grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
+        cache = _GradCache(
+            [(states[side][i], inputs[side][i]) for side, i in order],
+            grads[: len(order)],
+            log_temperature,
+            grads[-1] if log_temperature.requires_grad else None,
+        )
         with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-            for (side, i), grad in zip(chunks, grads, strict=False):
-                states[side][i].restore()
-                batch = _to_batch(inputs[side][i])
+            if self._engine_steps_in_backward():
+                self._backward_once(model, cache)
+            elif self._ddp(model):
+                # DDP's reducer expects one forward-backward per step; GradCache makes many, so they run
+                # on the bare module with the reducer idle, and the gradients are averaged here.
+                with model.no_sync():
+                    self._backward_per_chunk(plain, cache)
+                _average_gradients(plain)
+            else:
+                self._backward_per_chunk(model, cache)
+        return loss.detach() / self._loss_scale()
+
+    def _backward_per_chunk(self, model: torch.nn.Module, cache: _GradCache) -> None:
+        """One backward per chunk, gradients kept local (`no_sync`) until the last, as in gradient
+        accumulation (FSDP, one process; DDP on the bare module); the temperature's term rides with the
+        last chunk. No forward is repeated."""
+        chunks, grads = cache.chunks, cache.grads
+        for position, ((state, chunk), grad) in enumerate(zip(chunks, grads, strict=True)):
+            last = position == len(chunks) - 1
+            with self.accelerator.no_sync(model) if not last else contextlib.nullcontext():
+                state.restore()
                 with self.compute_loss_context_manager():
-                    embedding = checkpoint(model, batch, use_reentrant=False)
-                surrogate = surrogate + (embedding * grad).sum()
-        if log_temperature.requires_grad and grads[-1] is not None:
-            surrogate = surrogate + (log_temperature * grads[-1]).sum()
+                    embedding = model(_to_batch(chunk))
+                surrogate = (embedding * grad).sum() if grad is not None else embedding.sum() * 0.0
+                if last:
+                    surrogate = surrogate + cache.temperature_term()
+                self.accelerator.backward(surrogate)
+
+    def _backward_once(self, model: torch.nn.Module, cache: _GradCache) -> None:
+        """DeepSpeed: its engine steps the optimiser inside every `backward`, so it gets exactly one: the
+        sum over chunks of <embedding, cached gradient> (plus the temperature's term), each chunk
+        re-embedded under non-reentrant activation checkpointing, so backward recomputes one chunk's
+        activations at a time. This costs one more forward per chunk than `_backward_per_chunk`."""
+        from torch.utils.checkpoint import checkpoint
+
+        surrogate = cache.temperature_term()
+        for (state, chunk), grad in zip(cache.chunks, cache.grads, strict=True):
+            if grad is None:
+                continue
+            state.restore()
+            with self.compute_loss_context_manager():
+                embedding = checkpoint(model, _to_batch(chunk), use_reentrant=False)
+            surrogate = surrogate + (embedding * grad).sum()
         self.accelerator.backward(surrogate)
-        return loss.detach()
+
+    @staticmethod
+    def _ddp(model: torch.nn.Module) -> bool:
+        return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+    def _engine_steps_in_backward(self) -> bool:
+        """Whether `accelerator.backward` also steps the optimiser (DeepSpeed's engine does)."""
+        return bool(self.is_deepspeed_enabled)
+
+    def _loss_scale(self) -> float:
+        """The factor `_loss` applies for the cross-device gather (see there): undone for logging."""
+        config = self.train_config
+        gather = config.loss != "distill" and config.gather_across_devices and world_size() > 1
+        return float(world_size()) if gather else 1.0
 
     # ---- optimiser, logging, checkpoints --------------------------------------------------------------
 
@@ -342,5 +424,9 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int) -> Trai
         remove_unused_columns=False,
         report_to=[],
         deepspeed=config.deepspeed,
+        # A plain step embeds several sides (queries, positives, negatives) through the model before one
+        # backward; DDP accepts a parameter made ready more than once per step only with a static graph.
+        # GradCache steps bypass DDP's reducer (see `_gradcache_step`).
+        ddp_static_graph=not config.gradcache_chunk_size,
         disable_tqdm=False,
     )

@@ -1,0 +1,5 @@
+"""`python -m umarvel ...`: the command line."""
+
+from umarvel.cli import main
+
+main()
