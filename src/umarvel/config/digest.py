@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 DIGEST_FILE = "umarvel_digest.json"
 # Files that describe how or when an artifact was made, not what it is.
-PROVENANCE = frozenset({DIGEST_FILE, "manifest.json", "fusion.json", "fusion_manifest.json", "stage.json"})
+PROVENANCE = frozenset(
+    {DIGEST_FILE, "manifest.json", "fusion.json", "fusion_manifest.json", "stage.json", "run.json"}
+)
 _BLOCK = 4 * 2**20
 
 
