@@ -158,3 +158,16 @@ def test_a_pipeline_stage_config_is_validated_before_any_stage_runs(mini_mbeir: 
     with pytest.raises(ConfigError, match=r"stage mine .*unknown key shortlst"):
         run_pipeline(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reranker_named_by_its_folder_is_fingerprinted_by_content(mini_mbeir: Path, tmp_path: Path) -> None:
+    from umarvel.config.stages import EvalConfig
+    from umarvel.pipeline.run import stage_fingerprint
+
+    folder = tmp_path / "reranker"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    config = EvalConfig(model="tiny:qwen2_vl", root=str(mini_mbeir), reranker=str(folder))
+    before = stage_fingerprint("eval", config, 42, {})
+    (folder / "model.safetensors").write_bytes(b"\x01" * 64)
+    assert stage_fingerprint("eval", config, 42, {}) != before

@@ -112,9 +112,6 @@ class DigestCache:
                 self.db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", entries)
                 self.db.commit()
 
-    def put(self, path: str, signature: str, sha256: str) -> None:
-        self.put_many([(path, signature, sha256)])
-
 
 _cache: DigestCache | None = None
 _cache_key: str | None = None
@@ -129,26 +126,29 @@ def digest_cache() -> DigestCache:
     return _cache
 
 
+def digests_of(paths: Iterable[str | Path]) -> list[str]:
+    """The full sha256 of each file: unchanged files from the cache, the others hashed on a few threads
+    and cached in one transaction (a file written while it was hashed keeps no cache entry)."""
+    cache = digest_cache()
+    resolved = [Path(path).resolve() for path in paths]
+    signatures = [_signature(path.stat()) for path in resolved]
+    values = [cache.get(str(path), sig) for path, sig in zip(resolved, signatures, strict=True)]
+    missing = [i for i, value in enumerate(values) if value is None]
+    if missing:
+        with ThreadPoolExecutor(max_workers=min(4, len(missing))) as pool:
+            for i, value in zip(missing, pool.map(hash_file, [resolved[i] for i in missing]), strict=True):
+                values[i] = value
+        cache.put_many(
+            (str(resolved[i]), signatures[i], values[i])
+            for i in missing
+            if _signature(resolved[i].stat()) == signatures[i]
+        )
+    return values  # type: ignore[return-value]
+
+
 def file_digest(path: str | Path) -> str:
     """The full sha256 of a file, from the cache when the file is unchanged."""
-    resolved = Path(path).resolve()
-    stat = resolved.stat()
-    signature = _signature(stat)
-    cache = digest_cache()
-    hit = cache.get(str(resolved), signature)
-    if hit is not None:
-        return hit
-    value = hash_file(resolved)
-    # A file written while it was hashed keeps no cache entry.
-    if _signature(resolved.stat()) == signature:
-        cache.put(str(resolved), signature, value)
-    return value
-
-
-def remember(path: str | Path, sha256: str) -> None:
-    """Tell the cache the digest of a file just written (and hashed) by this process."""
-    resolved = Path(path).resolve()
-    digest_cache().put(str(resolved), _signature(resolved.stat()), sha256)
+    return digests_of([path])[0]
 
 
 def content_files(folder: str | Path, exclude: Iterable[str] = PROVENANCE) -> list[Path]:
@@ -163,30 +163,13 @@ def content_files(folder: str | Path, exclude: Iterable[str] = PROVENANCE) -> li
 
 
 def file_digests(folder: str | Path, exclude: Iterable[str] = PROVENANCE) -> dict[str, str]:
-    """relative name -> sha256 for every content file of `folder`: unchanged files from the cache, the
-    others hashed on a few threads and cached in one transaction."""
+    """relative name -> sha256 for every content file of `folder` (see `digests_of`)."""
     folder = Path(folder)
-    cache = digest_cache()
-    found: dict[Path, str] = {}
-    missing: list[tuple[Path, str, str]] = []
-    for path in content_files(folder, exclude):
-        resolved = path.resolve()
-        signature = _signature(resolved.stat())
-        hit = cache.get(str(resolved), signature)
-        if hit is None:
-            missing.append((path, str(resolved), signature))
-        else:
-            found[path] = hit
-    if missing:
-        with ThreadPoolExecutor(max_workers=min(4, len(missing))) as pool:
-            values = list(pool.map(hash_file, [resolved for _, resolved, _ in missing]))
-        fresh = []
-        for (path, resolved, signature), value in zip(missing, values, strict=True):
-            found[path] = value
-            if _signature(Path(resolved).stat()) == signature:  # not written while it was hashed
-                fresh.append((resolved, signature, value))
-        cache.put_many(fresh)
-    return {path.relative_to(folder).as_posix(): found[path] for path in sorted(found)}
+    files = content_files(folder, exclude)
+    return {
+        path.relative_to(folder).as_posix(): value
+        for path, value in zip(files, digests_of(files), strict=True)
+    }
 
 
 def combine(digests: dict[str, str]) -> str:
@@ -219,11 +202,13 @@ def record_digests(folder: str | Path) -> str:
     from umarvel.data.io import write_json
 
     folder = Path(folder)
-    files = {}
-    for path in content_files(folder):
-        value = hash_file(path)
-        remember(path, value)
-        files[path.relative_to(folder).as_posix()] = value
+    paths = content_files(folder)
+    values = [hash_file(path) for path in paths]
+    digest_cache().put_many(
+        (str(path.resolve()), _signature(path.resolve().stat()), value)
+        for path, value in zip(paths, values, strict=True)
+    )
+    files = {path.relative_to(folder).as_posix(): value for path, value in zip(paths, values, strict=True)}
     digest = combine(files)
     write_json(folder / DIGEST_FILE, {"sha256": digest, "files": files})
     return digest

@@ -71,7 +71,6 @@ class MineConfig:
     rank_end: int = 100
     keep_duplicates: bool = False
     seed: int = 42
-
     instruction_choice: InstructionChoice = "hash"
 
     def __post_init__(self) -> None:
@@ -101,7 +100,6 @@ class ScoreConfig:
     alpha: float = 0.5
     alpha_task: tuple[str, ...] = ()
     seed: int = 42
-
     instruction_choice: InstructionChoice = "hash"
 
     def __post_init__(self) -> None:
@@ -153,7 +151,6 @@ class EvalConfig:
     rerank_top: int = 50
     fusion_weight: float | None = None
     cache: str | None = None
-
     instruction_choice: InstructionChoice = "hash"
 
     def __post_init__(self) -> None:
@@ -176,7 +173,6 @@ class TuneFusionConfig:
     rerank_top: int = 50
     grid: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
     cache: str | None = None
-
     instruction_choice: InstructionChoice = "hash"
 
     def __post_init__(self) -> None:

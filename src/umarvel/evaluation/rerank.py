@@ -71,12 +71,12 @@ def pair_keys(
     """(qid, did) -> the content key of the pair's P(Yes): the re-ranker's fingerprint (weights digest
     and settings) and both records' content (text, instruction, image digests), so a changed re-ranker,
     query or candidate is scored again."""
-    from umarvel.retrieval.encode import item_key
+    from umarvel.retrieval.encode import item_key, prime_media_digests
 
-    query_keys = {qid: item_key(queries[qid], "query", None, fingerprint) for qid in {q for q, _ in wanted}}
-    candidate_keys = {
-        did: item_key(candidates[did], "candidate", None, fingerprint) for did in {d for _, d in wanted}
-    }
+    qids, dids = dict.fromkeys(q for q, _ in wanted), dict.fromkeys(d for _, d in wanted)
+    prime_media_digests([*(queries[q] for q in qids), *(candidates[d] for d in dids)])
+    query_keys = {qid: item_key(queries[qid], "query", None, fingerprint) for qid in qids}
+    candidate_keys = {did: item_key(candidates[did], "candidate", None, fingerprint) for did in dids}
     return {
         (qid, did): hashlib.sha256(f"{query_keys[qid]}:{candidate_keys[did]}".encode()).hexdigest()
         for qid, did in wanted

@@ -7,6 +7,7 @@ registered family.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -227,6 +228,27 @@ class Backbone:
     def hidden_size(self) -> int:
         config = self.language_model.config
         return int(config.hidden_size)
+
+    def weights_digest(self) -> str:
+        """The content digest of the weights: the checkpoint folder's, or (after training in memory,
+        before a save) the digest of the current state dict."""
+        if not self.digest:
+            self.digest = state_digest(self.model)
+        return self.digest
+
+    def identity(self, settings: Any) -> dict[str, Any]:
+        """What decides this backbone's outputs under `settings` (an embedder's or a re-ranker's
+        config): the weights digest, the settings of role `definition`, and the numbers' dtype and
+        attention kernel (config/schema.py)."""
+        from umarvel.config.schema import fields_with_role
+
+        values = dataclasses.asdict(settings)
+        dtype = next(self.language_model.parameters()).dtype
+        return {
+            "weights": self.weights_digest(),
+            "definition": {k: values[k] for k in fields_with_role(type(settings), "definition")},
+            "numeric": {"dtype": str(dtype).removeprefix("torch."), "attn": settings.attn_implementation},
+        }
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last-layer hidden states (B, L, H) for processor outputs `inputs`."""

@@ -39,7 +39,7 @@ from umarvel.data.io import InputError
 from umarvel.data.media import load_image
 from umarvel.data.records import Candidate, Query
 from umarvel.modeling.attention import set_attention_mode
-from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone, state_digest
+from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
 from umarvel.modeling.pooling import pool
 
 logger = logging.getLogger(__name__)
@@ -174,25 +174,13 @@ class Embedder(nn.Module):
 
     @property
     def weights_digest(self) -> str:
-        """The content digest of the weights: the checkpoint folder's, or (after training in memory,
-        before a save) the digest of the current state dict."""
-        if not self.backbone.digest:
-            self.backbone.digest = state_digest(self.model)
-        return self.backbone.digest
+        """The content digest of the weights (`Backbone.weights_digest`)."""
+        return self.backbone.weights_digest()
 
     def identity(self) -> dict[str, Any]:
         """What decides this embedder's vectors: the weights digest, the embedding definition and the
         numbers' dtype and kernel (see the roles in config/schema.py)."""
-        settings = dataclasses.asdict(self.settings)
-        dtype = next(self.backbone.language_model.parameters()).dtype
-        return {
-            "weights": self.weights_digest,
-            "definition": {k: settings[k] for k in fields_with_role(EmbedderConfig, "definition")},
-            "numeric": {
-                "dtype": str(dtype).removeprefix("torch."),
-                "attn": self.settings.attn_implementation,
-            },
-        }
+        return self.backbone.identity(self.settings)
 
     @property
     def fingerprint(self) -> str:

@@ -29,12 +29,12 @@ from torch import nn
 
 from umarvel.config.digest import json_digest, record_digests
 from umarvel.config.io import from_dict
-from umarvel.config.schema import RerankerConfig, fields_with_role
+from umarvel.config.schema import RerankerConfig
 from umarvel.data.collator import EncodeItem
 from umarvel.data.io import InputError, write_json
 from umarvel.data.text import format_string
 from umarvel.modeling.attention import set_attention_mode
-from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone, state_digest
+from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
 from umarvel.modeling.embedder import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -259,18 +259,7 @@ class Reranker(nn.Module):
     def identity(self) -> dict[str, Any]:
         """What decides this re-ranker's P(Yes): the weights digest, how pairs are rendered, and the
         numbers' dtype and kernel."""
-        if not self.backbone.digest:
-            self.backbone.digest = state_digest(self.model)
-        settings = dataclasses.asdict(self.settings)
-        dtype = next(self.backbone.language_model.parameters()).dtype
-        return {
-            "weights": self.backbone.digest,
-            "definition": {k: settings[k] for k in fields_with_role(RerankerConfig, "definition")},
-            "numeric": {
-                "dtype": str(dtype).removeprefix("torch."),
-                "attn": self.settings.attn_implementation,
-            },
-        }
+        return self.backbone.identity(self.settings)
 
     def item(self, record: Any, with_instruction: bool) -> EncodeItem:
         """A query or candidate record as this re-ranker reads it (image budget, video sampling)."""

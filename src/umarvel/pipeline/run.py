@@ -24,6 +24,7 @@ from typing import Any
 
 from umarvel.config.digest import content_digest, json_digest
 from umarvel.config.io import ConfigError
+from umarvel.config.schema import RerankerRunConfig, RunConfig
 from umarvel.config.stages import PipelineConfig, StageSpec
 from umarvel.data.io import write_json
 from umarvel.pipeline.stages import REGISTRY, Artifact, stage_config
@@ -107,15 +108,14 @@ def stage_fingerprint(kind: str, config: Any, seed: int, inputs: dict[str, Artif
     config before its inputs are wired in."""
     entry = REGISTRY[kind]
     reads = {}
-    wired = set(inputs)
     for path in entry.reads(config):
-        if Path(path).exists():
-            reads[str(Path(path).resolve())] = content_digest(path)
-        else:
+        if not Path(path).exists():
             raise ConfigError(f"{path}: no such file or folder (read by a {kind} stage)")
-    model = _named_model(config)
-    if model is not None and "model" not in wired and Path(model).is_dir():
-        reads[str(Path(model).resolve())] = content_digest(model)
+        reads[str(Path(path).resolve())] = content_digest(path)
+    # Models named by a local folder rather than wired from an earlier stage: by content too.
+    for role, model in _named_models(config).items():
+        if role not in inputs and model is not None and Path(model).is_dir():
+            reads[str(Path(model).resolve())] = content_digest(model)
     return json_digest(
         {
             "kind": kind,
@@ -127,11 +127,13 @@ def stage_fingerprint(kind: str, config: Any, seed: int, inputs: dict[str, Artif
     )
 
 
-def _named_model(config: Any) -> str | None:
-    for group in ("embedder", "reranker"):
-        if hasattr(config, group) and hasattr(getattr(config, group), "model"):
-            return getattr(config, group).model
-    return getattr(config, "model", None)
+def _named_models(config: Any) -> dict[str, str | None]:
+    """The models a stage config names, by the input role that would replace them."""
+    if isinstance(config, RunConfig):
+        return {"model": config.embedder.model}
+    if isinstance(config, RerankerRunConfig):
+        return {"model": config.reranker.model}
+    return {role: getattr(config, role, None) for role in ("model", "reranker")}
 
 
 def validate(config: PipelineConfig) -> dict[str, Any]:
