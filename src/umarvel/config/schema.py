@@ -69,6 +69,8 @@ class EmbedderConfig:
         compile: encode through `torch.compile` (inductor, dynamic shapes, weights frozen into the
             graph). The first batches pay a one-off compile (about 1.5 min on 2 CPU cores); long encoding
             jobs then run faster (benchmarks/encode_flops.py). Inference only; training is unaffected.
+        shard_size: items per encode shard, the unit of resumption and of the work shared among
+            processes (rank r encodes shards r, r + N, ...).
     Video (mbeir-protocol.md 3):
         video_frames: a fixed frame count per video (MSVD: 12); 0 samples `video_fps` frames a second.
         video_fps / video_max_frames: 2 fps, clamped to [4, video_max_frames] (MSR-VTT).
@@ -93,6 +95,7 @@ class EmbedderConfig:
     token_budget: int = _setting(0, "runtime")
     loader_workers: int = _setting(0, "runtime")
     compile: bool = _setting(False, "runtime")
+    shard_size: int = _setting(4096, "runtime")
     video_frames: int = _setting(0, "definition")
     video_fps: float = _setting(2.0, "definition")
     video_max_frames: int = _setting(768, "definition")
@@ -105,7 +108,7 @@ class EmbedderConfig:
                 f"need 0 < temperature_min <= temperature <= temperature_max, got {self.temperature_min}, "
                 f"{self.temperature}, {self.temperature_max}"
             )
-        for name in ("visual_tokens", "max_text_tokens", "max_image_pixels", "batch_size"):
+        for name in ("visual_tokens", "max_text_tokens", "max_image_pixels", "batch_size", "shard_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -175,6 +178,9 @@ class TrainConfig:
         batch in chunks of that size with GradCache (same gradients, activations of one chunk).
     Model: LoRA on the language model; trainable_modules are trained in full (the composed backbone's
         projector must be); everything else is frozen.
+    Precision: bf16 mixed precision when `bf16` is true; `auto` turns it on only where the hardware
+        computes bf16 natively (as dtype `auto` does), since on a CPU without AMX / AVX512-BF16 bf16 is
+        several times slower than fp32.
     Distillation (loss `distill`, stage C): KL(teacher || student) over each query's shortlist of
         `distill_top` candidates from a teacher file (method section 7.2); `distill_infonce_weight` > 0
         adds InfoNCE with the labelled positive against the shortlist and the batch.
@@ -193,7 +199,7 @@ class TrainConfig:
     mask_false_negatives: bool = True
     gather_across_devices: bool = True
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool | Literal["auto"] = False
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     trainable_modules: tuple[TrainableModule, ...] = ()

@@ -102,7 +102,11 @@ class SentenceEncoder:
         return out
 
     def encode_queries(
-        self, queries: Sequence[Query | str], instruction: str | None = None, progress: bool = True
+        self,
+        queries: Sequence[Query | str],
+        instruction: str | None = None,
+        progress: bool = True,
+        label: str = "queries",
     ) -> np.ndarray:
         return self.encode_texts(_texts(queries, "a sentence encoder"))
 
@@ -263,7 +267,11 @@ class DualEncoder(nn.Module):
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     def encode_queries(
-        self, queries: Sequence[Query | str], instruction: str | None = None, progress: bool = True
+        self,
+        queries: Sequence[Query | str],
+        instruction: str | None = None,
+        progress: bool = True,
+        label: str = "queries",
     ) -> np.ndarray:
         return self._encode(queries)
 

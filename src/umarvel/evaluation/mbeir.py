@@ -18,6 +18,7 @@ import numpy as np
 
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.data.mbeir import ROWS, MBeir, Row, read_qrels
+from umarvel.distributed import run_on_main
 from umarvel.evaluation.metrics import recall_at_k
 
 logger = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def evaluate_mbeir(
         cache_dir: a content-addressed embedding cache shared with other evaluations (e.g. the same
             model on test and val, or with and without re-ranking).
     """
-    from umarvel.retrieval.index import Index, embedder_record
+    from umarvel.retrieval.index import embedder_record
 
     mbeir = MBeir(root, instruction_choice)  # type: ignore[arg-type]
     rows = present_rows(mbeir, split)
@@ -296,11 +297,12 @@ def evaluate_mbeir(
     # Embeddings go through resumable, content-addressed shards: a killed evaluation picks up where it
     # stopped, and a rerun with the same embedder re-encodes nothing.
     embeddings = Path(out_dir) / "embeddings"
-    fingerprint = embedder_record(embedder)
-    run_id = f"umarvel-{str(fingerprint['weights'])[:12]}"
     cache = Path(cache_dir) if cache_dir is not None else None
+    # Every rank takes part in the encoding (each its share of the shards); rank 0 alone searches and
+    # writes the run files and results, and every rank returns the scores.
     candidates: dict[str, np.ndarray] = {}
     queries: dict[str, tuple[list[str], np.ndarray]] = {}
+    local_ids: dict[str, list[str]] = {}
     for row in rows:
         row_queries = mbeir.queries(row, split)  # type: ignore[arg-type]
         logger.info("%s: %d queries", row.name, len(row_queries))
@@ -309,25 +311,14 @@ def evaluate_mbeir(
         )
         queries[row.name] = ([q.qid for q in row_queries], vectors)
         local = mbeir.pool(row, split)  # type: ignore[arg-type]
+        local_ids[row.name] = [c.did for c in local]
         pool = [c for c in local if c.did not in candidates]
         if pool:
             pool_vectors = _encode(
                 embedder, pool, embeddings / f"{row.name}_{split}_pool.npy", "candidate", progress, cache
             )
             candidates.update(zip((c.did for c in pool), pool_vectors, strict=True))
-        if "local" in settings:
-            local_ids = [c.did for c in local]
-            index = Index(vectors.shape[1], factory, fingerprint)
-            index.add(np.stack([candidates[d] for d in local_ids]), local_ids)
-            result = index.search(vectors, SEARCH_K)
-            write_run(
-                runs_dir / run_file_name(row, "local", split),
-                row,
-                queries[row.name][0],
-                result.ids,
-                result.scores,
-                run_id,
-            )
+    global_ids: list[str] = []
     if "global" in settings:
         global_file = mbeir.global_pool_file(split)  # type: ignore[arg-type]
         if global_file.is_file():
@@ -343,17 +334,61 @@ def evaluate_mbeir(
         else:
             logger.info("%s absent: the global pool is the concatenation of the local pools", global_file)
             global_ids = list(candidates)
+    return run_on_main(
+        _search_and_score,
+        root,
+        Path(out_dir),
+        split,
+        rows,
+        settings,
+        factory,
+        embedder_record(embedder),
+        queries,
+        candidates,
+        local_ids,
+        global_ids,
+    )
+
+
+def _search_and_score(
+    root: str | Path,
+    out_dir: Path,
+    split: str,
+    rows: Sequence[Row],
+    settings: Sequence[PoolSetting],
+    factory: str,
+    fingerprint: dict,
+    queries: dict[str, tuple[list[str], np.ndarray]],
+    candidates: dict[str, np.ndarray],
+    local_ids: dict[str, list[str]],
+    global_ids: list[str],
+) -> Scores:
+    """Search each row's local pool and the global pool, write the run files, score and write results."""
+    from umarvel.retrieval.index import Index
+
+    runs_dir = out_dir / "runs"
+    run_id = f"umarvel-{str(fingerprint['weights'])[:12]}"
+
+    def index_of(ids: list[str]) -> Index:
         index = Index(next(iter(candidates.values())).shape[0], factory, fingerprint)
-        index.add(np.stack([candidates[d] for d in global_ids]), global_ids)
+        index.add(np.stack([candidates[d] for d in ids]), ids)
+        return index
+
+    def write(row: Row, setting: str, index: Index) -> None:
+        qids, vectors = queries[row.name]
+        result = index.search(vectors, SEARCH_K)
+        write_run(runs_dir / run_file_name(row, setting, split), row, qids, result.ids, result.scores, run_id)
+
+    if "local" in settings:
         for row in rows:
-            qids, vectors = queries[row.name]
-            result = index.search(vectors, SEARCH_K)
-            write_run(
-                runs_dir / run_file_name(row, "global", split), row, qids, result.ids, result.scores, run_id
-            )
+            write(row, "local", index_of(local_ids[row.name]))
+    if "global" in settings:
+        union = index_of(global_ids)
+        for row in rows:
+            write(row, "global", union)
     scores = score_runs(root, runs_dir, split, rows, settings)
     write_results(scores, out_dir, split)
-    (Path(out_dir) / "results.md").write_text(render_table(scores) + "\n")
+    (out_dir / "results.md").write_text(render_table(scores) + "\n")
     return scores
 
 

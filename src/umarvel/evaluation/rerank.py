@@ -22,6 +22,7 @@ from umarvel.config.stages import TuneFusionConfig
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.data.mbeir import MBeir, Row
 from umarvel.data.records import Candidate, Query
+from umarvel.distributed import gather, run_on_main, world
 from umarvel.evaluation.mbeir import (
     PoolSetting,
     Scores,
@@ -99,15 +100,34 @@ def score_pairs(
     missing = list(dict.fromkeys(pair for pair in wanted if keys[pair] not in cache.scores))
     if missing:
         logger.info("re-ranker: %d pairs to score (%d cached)", len(missing), len(keys) - len(missing))
-        starts = range(0, len(missing), chunk)
-        if progress:
+        # Under several processes each round gives every rank its own chunk; rank 0 appends the round's
+        # scores to the cache file, so a killed run keeps every finished round.
+        current = world()
+        rounds = range(0, len(missing), chunk * current.size)
+        if progress and current.main:
             from rich.progress import track
 
-            starts = track(starts, description="re-ranking")  # type: ignore[assignment]
-        for start in starts:
-            batch = missing[start : start + chunk]
-            pairs = [reranker.pair(queries[qid], candidates[did]) for qid, did in batch]
-            cache.add([keys[pair] for pair in batch], batch, reranker.score(pairs))
+            rounds = track(rounds, description="re-ranking")  # type: ignore[assignment]
+        for start in rounds:
+            mine = missing[start + current.rank * chunk : start + (current.rank + 1) * chunk]
+            values, failure = [], None
+            try:
+                if mine:
+                    pairs = [reranker.pair(queries[q], candidates[d]) for q, d in mine]
+                    values = [float(v) for v in reranker.score(pairs)]
+            except Exception as error:  # raised below on every rank, so none waits for this one
+                failure = error
+            shared = gather((mine, values, None if failure is None else repr(failure)))
+            if failure is not None:
+                raise failure
+            for batch, scores, other in shared:
+                if other is not None:
+                    raise RuntimeError(f"another rank failed while re-ranking: {other}")
+                if batch:
+                    if current.main:
+                        cache.add([keys[pair] for pair in batch], batch, np.asarray(scores))
+                    else:
+                        cache.scores.update((keys[pair], v) for pair, v in zip(batch, scores, strict=True))
     return {pair: cache.scores[key] for pair, key in keys.items()}
 
 
@@ -170,6 +190,21 @@ def rerank_runs(
         )
     cache = PairScoreCache(out_dir / "pair_scores.jsonl")
     p_yes = score_pairs(reranker, wanted, queries, candidates, cache, progress)
+    return run_on_main(_fuse_runs, root, out_dir, rows, split, settings, top, weights, retrieved, p_yes)
+
+
+def _fuse_runs(
+    root: str | Path,
+    out_dir: Path,
+    rows: Sequence[Row],
+    split: str,
+    settings: Sequence[PoolSetting],
+    top: int,
+    weights: Sequence[float],
+    retrieved: dict[tuple[str, str], dict[str, list[tuple[str, float]]]],
+    p_yes: dict[tuple[str, str], float],
+) -> dict[float, Scores]:
+    """Fuse and write the re-ranked run files for each weight, and score them (see `rerank_runs`)."""
     results: dict[float, Scores] = {}
     for position, weight in enumerate(weights):
         target = out_dir / "runs" if position == 0 else Path(tempfile.mkdtemp(prefix="fusion-", dir=out_dir))
@@ -231,6 +266,6 @@ def tune_fusion(
         "objective": "mean of local and global averages",
         "by_weight": table,
     }
-    write_json(Path(out_dir) / "fusion.json", choice)
+    run_on_main(write_json, Path(out_dir) / "fusion.json", choice)
     logger.info("fusion weight %s on %s: %s", best, split, table)
     return choice

@@ -115,11 +115,13 @@ def evaluate_captions(
         [Query(qid=str(i), text=t) for i, (_, t) in enumerate(texts)],  # type: ignore[attr-defined]
         instruction=text_instruction,
         progress=progress,
+        label="captions",
     )
     image_vectors = embedder.encode_queries(
         [Query(qid=i, image=root / i) for i in images],  # type: ignore[attr-defined]
         instruction=image_instruction,
         progress=progress,
+        label="photos",
     )
     scores = text_vectors @ image_vectors.T  # (T, I): one matrix serves both directions
     top_images = np.argsort(-scores, axis=1)[:, : max(ks)]

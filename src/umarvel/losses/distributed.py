@@ -7,7 +7,9 @@ import torch.distributed as dist
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    from umarvel.distributed import world
+
+    return world().size
 
 
 def gather_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 
 from umarvel.data.io import InputError, write_json, write_jsonl
 from umarvel.data.mbeir import Instructions, read_pool, read_queries
+from umarvel.distributed import run_on_main
 from umarvel.mining.filters import RULES, NegativeRules, select_negatives
 from umarvel.retrieval.encode import encode_corpus
 from umarvel.retrieval.index import Index, embedder_record
@@ -54,6 +55,23 @@ def mine_negatives(
     pool_vectors = np.load(
         encode_corpus(embedder, pool, embeddings / "pool.npy", "candidate", progress=progress)
     )
+    # Under several processes the encoding above was shared; the search and the files are rank 0's.
+    return run_on_main(
+        _select, embedder, queries, pool, query_vectors, pool_vectors, out_dir, rules, shortlist_size
+    )
+
+
+def _select(
+    embedder: Any,
+    queries: list,
+    pool: list,
+    query_vectors: np.ndarray,
+    pool_vectors: np.ndarray,
+    out_dir: Path,
+    rules: NegativeRules,
+    shortlist_size: int,
+) -> Path:
+    """Search, filter and write negatives.jsonl, audit.json and the audit plot."""
     row_of = {c.did: i for i, c in enumerate(pool)}
     index = Index(pool_vectors.shape[1], "Flat", embedder_record(embedder))
     index.add(pool_vectors, [c.did for c in pool])

@@ -386,10 +386,12 @@ class Embedder(nn.Module):
         batch_size: int | None = None,
         root: str | Path | None = None,
         progress: bool = True,
+        label: str = "queries",
     ) -> np.ndarray:
-        """Embed queries; `instruction` applies to those without their own. Returns (N, H) float32."""
+        """Embed queries; `instruction` applies to those without their own; `label` names the progress
+        bar. Returns (N, H) float32."""
         items = [self._lazy(q, instruction, root) for q in queries]
-        return self.encode_items(items, batch_size, progress, "queries")
+        return self.encode_items(items, batch_size, progress, label)
 
     def encode_candidates(
         self,

@@ -17,6 +17,7 @@ from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.records import Candidate, Query
+from umarvel.distributed import run_on_main
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def embed_file(
     role: Role = "candidate",
     instruction: str | None = None,
     image_root: str | Path | None = None,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
@@ -109,7 +110,8 @@ def embed_file(
         progress=progress,
     )
     matrix = np.load(output_path, mmap_mode="r")
-    write_manifest(
+    run_on_main(
+        write_manifest,
         output_path.parent,
         "embed",
         config,

@@ -20,6 +20,7 @@ from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError, read_jsonl, write_jsonl
 from umarvel.data.records import Candidate, Query
+from umarvel.distributed import run_on_main
 from umarvel.retrieval.index import Index, SearchResult, embedder_record
 
 CANDIDATES_FILE = "candidates.jsonl"
@@ -52,8 +53,9 @@ def build_index(
     image_root: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-) -> Index:
-    """Embed every candidate of `pool_path` (JSONL with did / txt / img_path) and save an index folder."""
+) -> int:
+    """Embed every candidate of `pool_path` (JSONL with did / txt / img_path) into an index folder;
+    returns the number of candidates indexed (`Index.load(out_dir)` opens it)."""
     from umarvel.modeling.embedder import Embedder
     from umarvel.pipeline.embed import read_items
     from umarvel.retrieval.encode import encode_corpus
@@ -65,6 +67,22 @@ def build_index(
     vectors_path = encode_corpus(
         embedder, items, out_dir / "embeddings.npy", "candidate", cache_dir=cache_dir, progress=progress
     )
+    # The encoding above was shared among the processes; the index folder is written by rank 0 alone.
+    return run_on_main(_save, embedder, config, items, ids, vectors_path, pool_path, out_dir, factory)
+
+
+def _save(
+    embedder: Any,
+    config: EmbedderConfig,
+    items: list,
+    ids: list[str],
+    vectors_path: Path,
+    pool_path: str | Path,
+    out_dir: Path,
+    factory: str,
+) -> int:
+    """The index, `candidates.jsonl` with the candidates' media, and the manifest, into `out_dir`;
+    returns the number of candidates indexed."""
     index = Index(embedder.dim, factory, embedder_record(embedder))
     index.add(np.load(vectors_path), ids)
     index.save(out_dir)
@@ -72,7 +90,7 @@ def build_index(
         out_dir / CANDIDATES_FILE,
         (
             {
-                "did": item.did,  # type: ignore[union-attr]
+                "did": item.did,
                 "txt": item.text,
                 "img_path": _keep_media(Path(item.image), out_dir) if item.image is not None else None,
                 "video_path": _keep_media(Path(item.video), out_dir) if item.video is not None else None,
@@ -87,7 +105,7 @@ def build_index(
         inputs={"pool": pool_path},
         extra={"factory": factory, "size": index.size, "embedder": index.embedder},
     )
-    return index
+    return index.size
 
 
 def read_candidates(index_dir: str | Path, wanted: set[str]) -> dict[str, Candidate]:

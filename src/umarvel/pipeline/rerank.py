@@ -34,6 +34,7 @@ from umarvel.data.mbeir import Instructions, dataset_id_of, read_pool, read_quer
 from umarvel.data.records import Candidate, Query
 from umarvel.data.sampling import row_rng
 from umarvel.data.training import load_rows
+from umarvel.distributed import each_rank_does, my_share, run_on_main, world
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,21 @@ def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
 
     from umarvel.modeling.reranker import Reranker
-    from umarvel.pipeline.train import plot_training_curve, train_or_resume
+    from umarvel.pipeline.train import save_stage, train_or_resume
     from umarvel.training.adapters import merge_adapters, prepare_for_training
     from umarvel.training.rerank import RerankCollator, RerankerTrainer, RerankSet
     from umarvel.training.trainer import training_arguments
 
     if not config.data.train:
         raise ValueError("the recipe has no data.train sources")
-    from umarvel.pipeline.run import claim_run, finish
-    from umarvel.pipeline.stages import Artifact
+    from umarvel.pipeline.run import claim_run
 
     output_dir = Path(config.output_dir)
     finished, key = claim_run("train_reranker", config)
     if finished and (output_dir / "model").is_dir():
         logger.info("%s: this recipe already finished training here", output_dir)
         return output_dir / "model"
-    save_config(config, output_dir / "config.yaml")
+    run_on_main(save_config, config, output_dir / "config.yaml")
     reranker = Reranker.from_config(config.reranker)
     rows = [row for source in config.data.train for row in load_rows(source, seed=config.seed)]
     dataset = RerankSet(rows, config.seed, config.reranker)
@@ -76,19 +76,11 @@ def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
     if config.train.lora.enabled and config.train.merge_lora:
         merge_adapters(reranker)
     reranker.eval()
-    model_dir = output_dir / "model"
-    reranker.save_pretrained(model_dir)
-    metrics["log_history"] = trainer.state.log_history
-    write_json(output_dir / "metrics.json", metrics)
-    plot_training_curve(trainer.state.log_history, output_dir / "training_curve.png")
     inputs = {f"train_{i}_{s.kind}": s.path for i, s in enumerate(config.data.train)}
     for i, source in enumerate(config.data.train):
         if source.negatives:
             inputs[f"train_{i}_negatives"] = source.negatives
-    write_manifest(output_dir, "train-reranker", config, inputs=inputs, extra={"model": str(model_dir)})
-    write_manifest(model_dir, "train-reranker", config, inputs=inputs, extra={"stage": config.stage})
-    finish(output_dir, key, Artifact.of("reranker", model_dir))
-    return model_dir
+    return save_stage(reranker, config, key, "train-reranker", metrics, trainer.state.log_history, inputs)
 
 
 def sample_queries(queries: Sequence[Query], fraction: float, seed: int) -> list[Query]:
@@ -205,7 +197,6 @@ def score_teacher(
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    records: list[dict[str, Any]] = []
     chunks = range(0, len(queries), chunk_queries)
     # A part is named by the digest of everything its records depend on: both models' identities, the
     # fusion of scores, and its queries' content with their shortlists. A rerun reuses exactly the
@@ -221,16 +212,11 @@ def score_teacher(
         f"{number:05d}-{_part_key(settings, content, queries, shortlists, start, chunk_queries)}.jsonl"
         for number, start in enumerate(chunks)
     ]
-    for stale in parts.glob("*.jsonl"):
-        if stale.name not in set(names):
-            stale.unlink()
-    for number, start in enumerate(_track(chunks, progress, "re-ranker scoring")):
-        part = parts / names[number]
-        chunk = queries[start : start + chunk_queries]
-        if part.is_file():
-            records.extend(r for _, r in read_jsonl(part))
-            continue
+    run_on_main(_drop_stale_parts, parts, names)
+
+    def score_part(start: int, part: Path) -> None:
         chunk_records = []
+        chunk = queries[start : start + chunk_queries]
         for query, (dids, cosines) in zip(chunk, shortlists[start : start + chunk_queries], strict=True):
             query_item = reranker.item(query, with_instruction=True)
             pairs = [RerankPair(query_item, reranker.item(by_did[d], with_instruction=False)) for d in dids]
@@ -252,7 +238,46 @@ def score_teacher(
                 }
             )
         write_jsonl(part, chunk_records)
-        records.extend(chunk_records)
+
+    # Under several processes each rank scores every world-size-th part; rank 0 then assembles them.
+    current = world()
+    mine = [(start, parts / names[number]) for number, start in my_share(list(chunks))]
+    todo = [(start, part) for start, part in mine if not part.is_file()]
+
+    def score_mine() -> None:
+        for start, part in _track(todo, progress and current.main, "re-ranker scoring"):
+            score_part(start, part)
+
+    each_rank_does(score_mine, f"scoring the teacher in {parts}")
+    return run_on_main(
+        _write_teacher,
+        out_dir,
+        [parts / name for name in names],
+        started,
+        embedder,
+        reranker,
+        root,
+        {"fraction": fraction, "top": top, "alpha": alpha, "alpha_by_task": alpha_by_task, "seed": seed},
+    )
+
+
+def _drop_stale_parts(parts: Path, names: Sequence[str]) -> None:
+    for stale in parts.glob("*.jsonl"):
+        if stale.name not in set(names):
+            stale.unlink()
+
+
+def _write_teacher(
+    out_dir: Path,
+    part_files: Sequence[Path],
+    started: float,
+    embedder: Any,
+    reranker: Any,
+    root: Path,
+    settings: dict[str, Any],
+) -> Path:
+    """teacher.jsonl from the parts in order, summary.json and the manifest."""
+    records = [record for part in part_files for _, record in read_jsonl(part)]
     seconds = round(time.perf_counter() - started, 1)
     write_jsonl(out_dir / "teacher.jsonl", records)
     summary = _summary(records)
@@ -262,15 +287,7 @@ def score_teacher(
     write_manifest(
         out_dir,
         "score",
-        {
-            "fraction": fraction,
-            "top": top,
-            "alpha": alpha,
-            "alpha_by_task": alpha_by_task,
-            "seed": seed,
-            "embedder": vars(embedder.settings),
-            "reranker": vars(reranker.settings),
-        },
+        {**settings, "embedder": vars(embedder.settings), "reranker": vars(reranker.settings)},
         inputs={"mbeir_root": root},
         extra={"queries": len(records)},
     )
@@ -297,7 +314,7 @@ def _part_key(
     return json_digest({**settings, "chunk": chunk})[:16]
 
 
-def _track(items: Sequence[int], progress: bool, description: str) -> Any:
+def _track(items: Sequence[Any], progress: bool, description: str) -> Any:
     if not progress:
         return items
     from rich.progress import track

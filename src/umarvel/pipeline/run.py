@@ -27,6 +27,7 @@ from umarvel.config.io import ConfigError
 from umarvel.config.schema import RerankerRunConfig, RunConfig
 from umarvel.config.stages import PipelineConfig, StageSpec
 from umarvel.data.io import write_json
+from umarvel.distributed import main_only
 from umarvel.pipeline.stages import REGISTRY, Artifact, stage_config
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ STAGE_FILE = "stage.json"
 RUN_FILE = "run.json"
 
 
+@main_only
 def claim(folder: Path, fingerprint: str, marker: str = STAGE_FILE, unmarked: str | None = "*") -> bool:
     """Make `folder` the home of the work with `fingerprint`; True when that work already finished.
+    Rank 0 decides and moves folders; every rank gets the answer.
 
     Work with another fingerprint found there (finished or not) is moved aside to
     `<folder>.<its fingerprint[:12]>` (kept, never deleted); work with the same one is left to resume.
@@ -83,6 +86,7 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
+@main_only
 def finish(folder: Path, fingerprint: str, artifact: Artifact, marker: str = STAGE_FILE) -> None:
     write_json(
         folder / marker,

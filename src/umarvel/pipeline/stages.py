@@ -27,6 +27,7 @@ from umarvel.config.stages import (
     StageSpec,
     TuneFusionConfig,
 )
+from umarvel.distributed import run_on_main
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def run_mine(config: MineConfig, progress: bool = True) -> Artifact:
         progress,
         config.instruction_choice,
     )
-    write_manifest(
+    run_on_main(
+        write_manifest,
         config.out,
         "mine",
         config,
@@ -142,7 +144,7 @@ def run_index(config: IndexConfig, progress: bool = True) -> Artifact:
     from umarvel.modeling.embedder import resolve_config
     from umarvel.pipeline.index import build_index
 
-    built = build_index(
+    size = build_index(
         resolve_config(config.model, config.settings),
         config.pool,
         config.out,
@@ -151,7 +153,7 @@ def run_index(config: IndexConfig, progress: bool = True) -> Artifact:
         config.cache,
         progress=progress,
     )
-    return Artifact.of("index", config.out, size=built.size)
+    return Artifact.of("index", config.out, size=size)
 
 
 def run_eval(config: EvalConfig, progress: bool = True) -> tuple[Artifact, Any, Any]:
@@ -178,7 +180,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> tuple[Artifact, Any, 
         config.instruction_choice,
     )
     averages = {"local": scores.average("local"), "global": scores.average("global")}
-    write_manifest(
+    run_on_main(
+        write_manifest,
         out,
         "eval mbeir",
         config,
@@ -203,7 +206,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> tuple[Artifact, Any, 
         config.instruction_choice,
     )[weight]
     reranked_averages = {"local": reranked.average("local"), "global": reranked.average("global")}
-    write_manifest(
+    run_on_main(
+        write_manifest,
         out / "rerank",
         "eval mbeir --reranker",
         config,
@@ -270,10 +274,11 @@ def run_tune_fusion(config: TuneFusionConfig, progress: bool = True) -> Artifact
         config.instruction_choice,
     )
     fusion = {**choice, "retriever": config.model}
-    store_fusion(config.reranker, fusion)
+    run_on_main(store_fusion, config.reranker, fusion)
     extra = {"fusion": fusion, "embedder": identity, "reranker": ranker.identity()}
-    write_manifest(out, "tune-fusion", config, inputs={"mbeir_root": config.root}, extra=extra)
-    write_manifest(
+    run_on_main(write_manifest, out, "tune-fusion", config, inputs={"mbeir_root": config.root}, extra=extra)
+    run_on_main(
+        write_manifest,
         Path(config.reranker),
         "tune-fusion",
         config,

@@ -20,14 +20,16 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from umarvel.config.io import save_config
 from umarvel.config.manifest import write_manifest
-from umarvel.config.schema import DataSource, RunConfig
+from umarvel.config.schema import DataSource, RerankerRunConfig, RunConfig
 from umarvel.data.io import write_json
 from umarvel.data.training import TrainingSet, load_rows
+from umarvel.distributed import main_only, run_on_main
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,7 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
 
     from umarvel.evaluation.retrieval import evaluate_rows
-    from umarvel.pipeline.run import RUN_FILE, claim_run, finish
-    from umarvel.pipeline.stages import Artifact
+    from umarvel.pipeline.run import RUN_FILE, claim_run
     from umarvel.training.adapters import merge_adapters
 
     output_dir = Path(config.output_dir)
@@ -78,42 +79,73 @@ def train_stage(config: RunConfig, progress: bool = True) -> Path:
     if finished and (output_dir / "model").is_dir():
         logger.info("%s: this recipe already finished training here (%s)", output_dir, RUN_FILE)
         return output_dir / "model"
-    save_config(config, output_dir / "config.yaml")
+    run_on_main(save_config, config, output_dir / "config.yaml")
     trainer = build_trainer(config, output_dir)
     embedder = trainer.model
     eval_rows = load_rows(config.data.eval, seed=config.seed) if config.data.eval is not None else []
     metrics: dict[str, Any] = {"stage": config.stage}
     checkpoints = output_dir / "checkpoints"
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    before_file = output_dir / "metrics_before.json"
     if eval_rows and resume is None:
-        metrics["before"] = evaluate_rows(embedder, eval_rows, config.data.eval_k, progress=progress)
-        write_json(output_dir / "metrics_before.json", metrics["before"])
-        logger.info("before training: %s", metrics["before"])
+
+        def before() -> dict[str, Any]:
+            found = evaluate_rows(embedder, eval_rows, config.data.eval_k, progress=progress)
+            write_json(before_file, found)
+            logger.info("before training: %s", found)
+            return found
+
+        metrics["before"] = run_on_main(before)
     elif eval_rows:
-        before_file = output_dir / "metrics_before.json"
         metrics["before"] = json.loads(before_file.read_text()) if before_file.is_file() else None
     metrics.update(train_or_resume(trainer, resume))
     if config.train.lora.enabled and config.train.merge_lora:
         merge_adapters(embedder)
     embedder.eval()
-    model_dir = output_dir / "model"
-    embedder.save_pretrained(model_dir)
-    if eval_rows:
-        metrics["after"] = evaluate_rows(embedder, eval_rows, config.data.eval_k, progress=progress)
-        logger.info("after training: %s", metrics["after"])
-    metrics["log_history"] = trainer.state.log_history
-    write_json(output_dir / "metrics.json", metrics)
-    plot_training_curve(trainer.state.log_history, output_dir / "training_curve.png")
     inputs = {f"train_{i}_{s.kind}": s.path for i, s in enumerate(config.data.train)}
     if config.data.eval is not None:
         inputs["eval"] = config.data.eval.path
     if Path(config.embedder.model).exists():
         inputs["base_model"] = config.embedder.model
-    write_manifest(
-        output_dir, "train", config, inputs=inputs, extra={"model": str(model_dir), "steps": metrics["steps"]}
-    )
-    write_manifest(model_dir, "train", config, inputs=inputs, extra={"stage": config.stage})
-    finish(output_dir, key, Artifact.of("model", model_dir))
+
+    def after() -> dict[str, Any]:
+        found = evaluate_rows(embedder, eval_rows, config.data.eval_k, progress=progress)
+        logger.info("after training: %s", found)
+        return found
+
+    history = trainer.state.log_history
+    return save_stage(embedder, config, key, "train", metrics, history, inputs, after if eval_rows else None)
+
+
+@main_only
+def save_stage(
+    model: Any,
+    config: RunConfig | RerankerRunConfig,
+    key: str,
+    command: str,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    inputs: dict[str, str],
+    evaluate_after: Callable[[], dict[str, Any]] | None = None,
+) -> Path:
+    """The end of a training run, by rank 0: the merged model in `model/`, its evaluation after
+    training, `metrics.json`, the training curve, both manifests, and the run marked finished."""
+    from umarvel.pipeline.run import RUN_FILE, finish
+    from umarvel.pipeline.stages import Artifact
+
+    output_dir = Path(config.output_dir)
+    model_dir = output_dir / "model"
+    model.save_pretrained(model_dir)
+    if evaluate_after is not None:
+        metrics["after"] = evaluate_after()
+    metrics["log_history"] = history
+    write_json(output_dir / "metrics.json", metrics)
+    plot_training_curve(history, output_dir / "training_curve.png")
+    extra = {"model": str(model_dir), "steps": metrics["steps"]}
+    write_manifest(output_dir, command, config, inputs=inputs, extra=extra)
+    write_manifest(model_dir, command, config, inputs=inputs, extra={"stage": config.stage})
+    kind = "model" if command == "train" else "reranker"
+    finish(output_dir, key, Artifact.of(kind, model_dir), RUN_FILE)
     return model_dir
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from umarvel.config.digest import digests_of, file_digest
 from umarvel.data.io import atomic_write
 from umarvel.data.records import Candidate, Query
-from umarvel.distributed import barrier, broadcast, gather, run_on_main, world
+from umarvel.distributed import barrier, broadcast, each_rank_does, my_share, run_on_main, world
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def encode_corpus(
     output: str | Path,
     role: Role = "candidate",
     instruction: str | None = None,
-    shard_size: int = 4096,
+    shard_size: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
@@ -117,7 +117,8 @@ def encode_corpus(
         output: the .npy file to write; `<output>.parts/` holds finished shards until the end.
         role: "query" (instructions apply) or "candidate".
         instruction: for queries without their own.
-        shard_size: items per shard (the unit of resumption and of work split across processes).
+        shard_size: items per shard (the unit of resumption and of work split across processes);
+            default: the embedder's `shard_size` setting.
         cache_dir: content-addressed cache; items embedded before with the same settings are reused.
 
     Under torchrun / accelerate launch every rank calls this with the same items: each encodes every
@@ -128,6 +129,7 @@ def encode_corpus(
     fingerprint = embedder.fingerprint  # type: ignore[attr-defined]
     parts = output.with_name(output.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
+    shard_size = shard_size or embedder.settings.shard_size  # type: ignore[attr-defined]
     prime_media_digests(items)
     keys = [item_key(item, role, instruction, fingerprint) for item in items]
     # A finished output remembers the content hash of everything in it: the same call returns at once.
@@ -152,17 +154,13 @@ def encode_corpus(
             if stale.name not in wanted:
                 stale.unlink()
     barrier()
-    mine = [(number, *shard) for number, shard in enumerate(shards) if number % current.size == current.rank]
-    try:
-        _encode_shards(embedder, items, keys, mine, role, instruction, cache, progress)
-        failure = None
-    except Exception as error:  # every rank learns of it below, so none waits forever
-        failure = error
-    failures = [f for f in gather(None if failure is None else repr(failure)) if f is not None]
-    if failure is not None:
-        raise failure
-    if failures:
-        raise RuntimeError(f"another rank failed while encoding {output}: {failures[0]}")
+    mine = [(number, *shard) for number, shard in my_share(shards)]
+    each_rank_does(
+        lambda: _encode_shards(
+            embedder, items, keys, mine, role, instruction, cache, progress and current.main
+        ),
+        f"encoding {output}",
+    )
     return run_on_main(_assemble, embedder, shards, output, key_file, done_key, parts)
 
 

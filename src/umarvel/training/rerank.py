@@ -22,7 +22,12 @@ from umarvel.data.io import InputError
 from umarvel.data.sampling import pick_positive, row_rng
 from umarvel.data.training import TrainRow, encode_record
 from umarvel.modeling.reranker import PairBatch, PairCollator, Reranker, RerankPair
-from umarvel.training.trainer import LoggedParts, TrainableCheckpoints, _EpochCallback
+from umarvel.training.trainer import (
+    LoggedParts,
+    TrainableCheckpoints,
+    _EpochCallback,
+    refuse_unsupported_engines,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,7 @@ class RerankerTrainer(LoggedParts, TrainableCheckpoints, Trainer):
     def __init__(self, *, model: Reranker, **kwargs: Any) -> None:
         self._parts: dict[str, list[float]] = defaultdict(list)
         super().__init__(model=model, **kwargs)
+        refuse_unsupported_engines(self)
         self.add_callback(_EpochCallback(self.train_dataset))
 
     def compute_loss(

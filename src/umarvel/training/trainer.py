@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from umarvel.config.io import ConfigError
 from umarvel.config.schema import TrainConfig
 from umarvel.data.collator import Collator, EncodedBatch
 from umarvel.losses.contrastive import info_nce
 from umarvel.losses.distillation import distillation_kl
 from umarvel.losses.distributed import world_size
-from umarvel.modeling.embedder import Embedder
+from umarvel.modeling.embedder import Embedder, native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +134,20 @@ class _RngState:
 
 class LoggedParts:
     """Trainer mixin: values appended to `self._parts[name]` between logging steps are logged as their
-    mean (loss parts as `loss/<part>`)."""
+    mean over the steps and over every process (loss parts as `loss/<part>`), so a part means the same
+    under any number of processes. The Trainer logs on every rank, which makes the gather safe."""
 
     _parts: dict[str, list[float]]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            for name, values in self._parts.items():
-                logs[name] = round(sum(values) / max(1, len(values)), 5)
+            from umarvel.distributed import gather
+
+            local = {name: (sum(values), len(values)) for name, values in sorted(self._parts.items())}
+            ranks = gather(local)
+            for name in local:
+                total, count = (sum(r[name][i] for r in ranks) for i in (0, 1))
+                logs[name] = total / max(1, count)
             self._parts.clear()
         super().log(logs, start_time)  # type: ignore[misc]
 
@@ -172,6 +180,29 @@ class TrainableCheckpoints:
         unwrapped.load_state_dict(saved, strict=False)
 
 
+def refuse_unsupported_engines(trainer: Trainer) -> None:
+    """Stop before training on an engine combination that would not train what the recipe asks.
+
+    - FSDP needs an accelerator device: accelerate (1.15) turns an FSDP launch on a CPU-only machine
+      into plain DDP without a word, so the run would not be sharded at all.
+    - DeepSpeed ZeRO-3 partitions the parameters themselves, and a stage ends by merging LoRA into
+      the full weights and saving them from one process, which needs them gathered first (not built).
+    """
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(trainer.args.fsdp)
+    if fsdp_asked and not trainer.is_fsdp_enabled:
+        raise ConfigError(
+            "FSDP was asked for, but accelerate runs FSDP only on GPUs (or other accelerators); on this "
+            "machine it would silently train with DDP. Launch with `accelerate launch --multi_gpu` (DDP) "
+            "or a DeepSpeed ZeRO-1/2 config instead."
+        )
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 is not supported: a stage saves its merged weights from one process, "
+            "which ZeRO-3's partitioned parameters do not allow; use ZeRO-1 or ZeRO-2."
+        )
+
+
 class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
     """`Trainer` for an `Embedder`: InfoNCE parts, their logging, the temperature's learning rate,
     trainable-only checkpoints, and GradCache when `gradcache_chunk_size` > 0."""
@@ -180,6 +211,7 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
         self.train_config = train_config
         self._parts: dict[str, list[float]] = defaultdict(list)
         super().__init__(model=model, **kwargs)
+        refuse_unsupported_engines(self)
         # Set by the training loop; a default lets `training_step` run on its own (tests, debugging).
         self.current_gradient_accumulation_steps = 1
         self.add_callback(_EpochCallback(self.train_dataset))
@@ -408,7 +440,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int) -> Trai
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         max_grad_norm=config.max_grad_norm,
-        bf16=config.bf16,
+        bf16=native_bf16() if config.bf16 == "auto" else config.bf16,
         # bf16 on a CPU (AMX) needs the Trainer told it is a CPU run.
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=config.gradient_checkpointing,
