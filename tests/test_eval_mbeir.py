@@ -127,4 +127,4 @@ def test_an_average_of_zero_is_written_as_zero_and_only_a_missing_one_is_blank(t
     write_results(scores, tmp_path, "test")
     average = (tmp_path / "mbeir_results.tsv").read_text().splitlines()[-1].split("\t")
     assert (average[1], average[6], average[8]) == ("average", "0.0", "")
-    assert render_table(scores).splitlines()[-1] == "| **average** | | 0.0 | - |"
+    assert render_table(scores).splitlines()[-1] == "| **average** | | | **0.00** | - |"

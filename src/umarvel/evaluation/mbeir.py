@@ -19,7 +19,7 @@ import numpy as np
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.data.mbeir import ROWS, MBeir, Row, read_qrels
 from umarvel.distributed import run_on_main
-from umarvel.evaluation.metrics import recall_at_k
+from umarvel.evaluation.metrics import bootstrap_interval, hits_at_k, recall_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,13 @@ def read_scored_run(path: Path) -> dict[str, list[tuple[str, float]]]:
 
 @dataclass
 class RowScore:
+    """One row's recalls per pool setting, and each judged query's hit at the row's headline k (for
+    confidence intervals)."""
+
     row: Row
     local: dict[str, float] = field(default_factory=dict)
     global_: dict[str, float] = field(default_factory=dict)
+    hits: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +101,12 @@ class Scores:
         values = [v for v in self.headline(setting) if v is not None]
         return round(sum(values) / len(values), 2) if values else None
 
+    def interval(self, setting: PoolSetting, rows: Sequence[RowScore] | None = None) -> list[float] | None:
+        """The bootstrap 95% interval (over queries, within rows) of the average of `rows` (all by
+        default) for `setting`; None where no hits were kept."""
+        groups = [s.hits[setting] for s in (self.rows if rows is None else rows) if s.hits.get(setting)]
+        return list(bootstrap_interval(groups)) if groups else None
+
     def to_json(self) -> dict:
         return {
             "rows": [
@@ -108,10 +118,14 @@ class Scores:
                     "global": s.global_.get(f"recall@{s.row.k}"),
                     "local_all": s.local,
                     "global_all": s.global_,
+                    "interval": {setting: self.interval(setting, [s]) for setting in ("local", "global")},
+                    "queries": len(next(iter(s.hits.values()), [])),
                 }
                 for s in self.rows
             ],
             "average": {"local": self.average("local"), "global": self.average("global")},
+            # Bootstrap 95% intervals over queries (resampled within each row), seed 0.
+            "interval": {"local": self.interval("local"), "global": self.interval("global")},
             "warnings": self.warnings,
         }
 
@@ -161,6 +175,7 @@ def score_runs(
                 )
             complete = {qid: run.get(qid, []) for qid in qrels}
             values = {f"recall@{k}": round(100 * recall_at_k(complete, qrels, k), 2) for k in RECALL_KS}
+            result.hits[setting] = hits_at_k(complete, qrels, row.k)
             if setting == "local":
                 result.local = values
             else:
@@ -228,20 +243,25 @@ def write_results(scores: Scores, out_dir: str | Path, split: str) -> Path:
     return out_dir / "results.json"
 
 
+def _with_interval(value: float | None, interval: Sequence[float] | None, bold: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = f"**{value:.2f}**" if bold else f"{value:.2f}"
+    return text + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
+
+
 def render_table(scores: Scores) -> str:
-    """A markdown table of the rows and the averages."""
-    lines = ["| row | metric | local | global |", "|---|---|---|---|"]
+    """A markdown table of the rows and the averages, each with its bootstrap 95% interval."""
+    lines = ["| row | metric | queries | local [95% CI] | global [95% CI] |", "|---|---|---|---|---|"]
     for s in scores.rows:
-        local, global_ = s.local.get(f"recall@{s.row.k}"), s.global_.get(f"recall@{s.row.k}")
-        lines.append(
-            f"| {s.row.name} | R@{s.row.k} | {local if local is not None else '-'} | "
-            f"{global_ if global_ is not None else '-'} |"
-        )
-    local, global_ = (scores.average(setting) for setting in ("local", "global"))
-    lines.append(
-        f"| **average** | | {local if local is not None else '-'} | "
-        f"{global_ if global_ is not None else '-'} |"
-    )
+        cells = [
+            _with_interval(getattr(s, key).get(f"recall@{s.row.k}"), scores.interval(setting, [s]))  # type: ignore[arg-type]
+            for key, setting in (("local", "local"), ("global_", "global"))
+        ]
+        count = len(next(iter(s.hits.values()), []))
+        lines.append(f"| {s.row.name} | R@{s.row.k} | {count} | {cells[0]} | {cells[1]} |")
+    averages = [_with_interval(scores.average(t), scores.interval(t), bold=True) for t in ("local", "global")]  # type: ignore[arg-type]
+    lines.append(f"| **average** | | | {averages[0]} | {averages[1]} |")
     return "\n".join(lines)
 
 
@@ -406,7 +426,7 @@ def compare_results(runs: Sequence[tuple[str, Path]]) -> tuple[str, dict[str, An
                 rows.append(key)
     header = "| row | metric | " + " | ".join(f"{n} local | {n} global" for n, _ in runs) + " |"
     lines = [header, "|" + "---|" * (2 + 2 * len(runs))]
-    table: dict[str, Any] = {"rows": {}, "average": {}}
+    table: dict[str, Any] = {"rows": {}, "average": {}, "interval": {}}
     for name, metric in rows:
         cells = []
         for run, _ in runs:
@@ -419,11 +439,10 @@ def compare_results(runs: Sequence[tuple[str, Path]]) -> tuple[str, dict[str, An
         lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
     averages = []
     for run, _ in runs:
-        average = loaded[run]["average"]
-        table["average"][run] = average
-        averages.extend(
-            "-" if average.get(s) is None else f"**{average[s]:.2f}**" for s in ("local", "global")
-        )
+        average, interval = loaded[run]["average"], loaded[run].get("interval", {})
+        table["average"][run], table["interval"][run] = average, interval
+        for setting in ("local", "global"):
+            averages.append(_with_interval(average.get(setting), interval.get(setting), bold=True))
     lines.append("| **average** | | " + " | ".join(averages) + " |")
     return "\n".join(lines), table
 
@@ -442,8 +461,13 @@ def plot_comparison(table: dict[str, Any], path: Path) -> Path | None:
     global_ = [table["average"][r].get("global") or 0 for r in runs]
     positions = np.arange(len(runs))
     figure, axis = plt.subplots(figsize=(max(5, 1.3 * len(runs)), 3.6))
-    axis.bar(positions - 0.2, local, 0.4, label="local pools")
-    axis.bar(positions + 0.2, global_, 0.4, label="global pool")
+    bars = ((-0.2, "local", local, "local pools"), (0.2, "global", global_, "global pool"))
+    for offset, setting, values, label in bars:
+        intervals = [table.get("interval", {}).get(r, {}).get(setting) for r in runs]
+        errors = None
+        if all(intervals):  # bootstrap 95% intervals as error bars
+            errors = np.array([[v - i[0], i[1] - v] for v, i in zip(values, intervals, strict=True)]).T
+        axis.bar(positions + offset, values, 0.4, yerr=errors, capsize=3, label=label)
     axis.set_xticks(positions, runs, rotation=20, ha="right")
     axis.set(ylabel="average headline recall (%)", title="M-BEIR-format benchmark by stage")
     axis.legend()
@@ -460,7 +484,7 @@ def render_stage_rows(table: dict[str, Any]) -> str:
     header = (
         "| stage | "
         + " | ".join(f"{r} (local / global)" for r in rows)
-        + " | average local | average global |"
+        + " | average local [95% CI] | average global [95% CI] |"
     )
     lines = [header, "|" + "---|" * (3 + len(rows))]
     for run, average in table["average"].items():
@@ -468,6 +492,7 @@ def render_stage_rows(table: dict[str, Any]) -> str:
         for row in rows:
             local, global_ = table["rows"][row].get(run, (None, None))
             cells.append(" / ".join("-" if v is None else f"{v:.1f}" for v in (local, global_)))
-        values = ["-" if average.get(s) is None else f"**{average[s]:.2f}**" for s in ("local", "global")]
+        interval = table.get("interval", {}).get(run, {})
+        values = [_with_interval(average.get(s), interval.get(s), bold=True) for s in ("local", "global")]
         lines.append(f"| {run} | " + " | ".join(cells) + " | " + " | ".join(values) + " |")
     return "\n".join(lines)

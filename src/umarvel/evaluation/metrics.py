@@ -103,3 +103,35 @@ def pairwise_accuracy(positive_scores: Sequence[float], negative_scores: Sequenc
     if len(positive_scores) != len(negative_scores) or not positive_scores:
         raise ValueError("need equally many positive and negative scores, at least one")
     return sum(p > n for p, n in zip(positive_scores, negative_scores, strict=True)) / len(positive_scores)
+
+
+def hits_at_k(ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, set[str]], k: int) -> list[int]:
+    """Per judged query (in `relevant`'s order), 1 when a relevant id is in its top k: the values
+    `recall_at_k` averages, kept for confidence intervals."""
+    return [int(any(did in relevant[q] for did in ranking[q][:k])) for q in _judged(ranking, relevant)]
+
+
+def bootstrap_interval(
+    groups: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile bootstrap interval, in percent, for the mean over groups of each group's mean
+    (an M-BEIR average is the mean of its rows' recalls). Queries are resampled within their group,
+    so every resample keeps each row's size; the seed makes it reproducible.
+
+    >>> bootstrap_interval([[1, 1, 1, 1]])
+    (100.0, 100.0)
+    """
+    import numpy as np
+
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if not arrays:
+        raise ValueError("no values to resample")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for values in arrays:
+        picks = rng.integers(0, len(values), size=(resamples, len(values)))
+        means += values[picks].mean(axis=1)
+    means *= 100 / len(arrays)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return round(float(low), 2), round(float(high), 2)
