@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch.distributed as dist
+if TYPE_CHECKING:
+    from types import ModuleType
 
 T = TypeVar("T")
 _alone = False  # inside a main-only section (see module docstring)
@@ -43,14 +45,27 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _dist() -> ModuleType:
+    # Imported on use: a single-process command that never touches torch (`umarvel eval runs`, ...)
+    # does not pay torch's import at start-up for asking its rank.
+    import torch.distributed as dist
+
+    return dist
+
+
 def world() -> World:
     """This process's rank and the world size, joining the launcher's process group on first use."""
     if _alone:
         return World(0, 1)
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
+    # No process group can exist before torch.distributed is imported.
+    if "torch.distributed" in sys.modules:
+        dist = _dist()
+        if dist.is_available() and dist.is_initialized():
+            return World(dist.get_rank(), dist.get_world_size())
     if _launched():
         import torch
+
+        dist = _dist()
 
         # The launcher's env:// rendezvous (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE); accelerate's
         # `PartialState` joins an existing group, so the Trainer and this module share one.
@@ -65,7 +80,7 @@ def world() -> World:
 def barrier() -> None:
     """Wait until every rank gets here (nothing to wait for in a single process)."""
     if world().size > 1:
-        dist.barrier()
+        _dist().barrier()
 
 
 def broadcast(value: T, src: int = 0) -> T:
@@ -73,7 +88,7 @@ def broadcast(value: T, src: int = 0) -> T:
     if world().size == 1:
         return value
     box: list[Any] = [value]
-    dist.broadcast_object_list(box, src=src)
+    _dist().broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -83,7 +98,7 @@ def gather(value: T) -> list[T]:
     if size == 1:
         return [value]
     out: list[Any] = [None] * size
-    dist.all_gather_object(out, value)
+    _dist().all_gather_object(out, value)
     return out
 
 
@@ -132,16 +147,20 @@ def my_share(items: Sequence[T]) -> list[tuple[int, T]]:
     return [(i, item) for i, item in enumerate(items) if i % current.size == current.rank]
 
 
-def each_rank_does(function: Callable[[], None], what: str) -> None:
-    """Run this rank's part of a shared job (`function`), then wait for every rank; an error on any
-    rank is raised on all of them (naming `what`), so none waits forever for one that failed."""
+def each_rank_does(function: Callable[[], T], what: str) -> list[T]:
+    """Run this rank's part of a shared job (`function`) and return every rank's result, in rank
+    order, once all have finished; an error on any rank is raised on all of them (naming `what`), so
+    none waits forever for one that failed."""
+    result: Any = None
     try:
-        function()
+        result = function()
         failure: Exception | None = None
     except Exception as error:  # every rank learns of it below
         failure = error
-    failures = [f for f in gather(None if failure is None else repr(failure)) if f is not None]
+    shared = gather((result, None if failure is None else repr(failure)))
     if failure is not None:
         raise failure
-    if failures:
-        raise RuntimeError(f"another rank failed while {what}: {failures[0]}")
+    others = [f for _, f in shared if f is not None]
+    if others:
+        raise RuntimeError(f"another rank failed while {what}: {others[0]}")
+    return [r for r, _ in shared]

@@ -22,7 +22,7 @@ from umarvel.config.stages import TuneFusionConfig
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.data.mbeir import MBeir, Row
 from umarvel.data.records import Candidate, Query
-from umarvel.distributed import gather, run_on_main, world
+from umarvel.distributed import each_rank_does, run_on_main, world
 from umarvel.evaluation.mbeir import (
     PoolSetting,
     Scores,
@@ -110,19 +110,14 @@ def score_pairs(
             rounds = track(rounds, description="re-ranking")  # type: ignore[assignment]
         for start in rounds:
             mine = missing[start + current.rank * chunk : start + (current.rank + 1) * chunk]
-            values, failure = [], None
-            try:
-                if mine:
-                    pairs = [reranker.pair(queries[q], candidates[d]) for q, d in mine]
-                    values = [float(v) for v in reranker.score(pairs)]
-            except Exception as error:  # raised below on every rank, so none waits for this one
-                failure = error
-            shared = gather((mine, values, None if failure is None else repr(failure)))
-            if failure is not None:
-                raise failure
-            for batch, scores, other in shared:
-                if other is not None:
-                    raise RuntimeError(f"another rank failed while re-ranking: {other}")
+
+            def score_mine(mine: list[tuple[str, str]] = mine) -> tuple[list[tuple[str, str]], list[float]]:
+                if not mine:  # the last round can leave a rank without a chunk
+                    return mine, []
+                pairs = [reranker.pair(queries[q], candidates[d]) for q, d in mine]
+                return mine, [float(v) for v in reranker.score(pairs)]
+
+            for batch, scores in each_rank_does(score_mine, "re-ranking"):
                 if batch:
                     if current.main:
                         cache.add([keys[pair] for pair in batch], batch, np.asarray(scores))
