@@ -121,7 +121,10 @@ def main() -> None:
     parser.add_argument("--model", default="offline")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=8)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    from umarvel.modeling.embedder import native_bf16
+
+    # bf16 by default only where the machine computes it natively (dtype auto)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=native_bf16())
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--worker-chunk", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -16,7 +16,8 @@ Tasks (all on held-aside data; splits by the stable hash used in training):
   nDCG@10; `--scifact-docs 0` uses the full 5,183;
 - STS-B test (1,379 pairs): Spearman x 100.
 
-Every model is run at bf16 (the baselines at fp32) with texts cut at 256 tokens (MiniLM's limit). Each
+Every model is run at `--dtype` (default `auto`: bf16 only where the CPU computes it natively; the
+baselines at fp32) with texts cut at 256 tokens (MiniLM's limit). Each
 model's results are saved as soon as they are measured (`--parts-dir`, under the ignored runs/), so an
 interrupted run resumes.
 
@@ -141,7 +142,7 @@ def main() -> None:
         "--model", action="append", default=[], help="LABEL=PATH; replaces the default stages"
     )
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-text-tokens", type=int, default=256)
     parser.add_argument("--scifact-docs", type=int, default=1000, help="0: the full corpus")
     parser.add_argument("--lit-steps", type=int, default=300)
@@ -151,6 +152,9 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--parts-dir", type=Path, default=Path("runs/benchmarks/quality_parts"))
     args = parser.parse_args()
+    from umarvel.modeling.embedder import resolve_dtype
+
+    args.dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")  # `auto`: bf16 only where native
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import torch

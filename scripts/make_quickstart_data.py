@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-PER_SPLIT = {"train": 24, "validation": 6, "test": 24}
+PER_SPLIT = {"train": 24, "validation": 6, "test": 40}
 TARGET = Path("src/umarvel/quickstart/data")
 
 

@@ -79,3 +79,28 @@ def test_long_texts_are_cut_to_the_token_limit() -> None:
     short = collator([EncodeItem(text="cat " * 5)])
     long = collator([EncodeItem(text="cat " * 500)])
     assert long.inputs["input_ids"].shape[1] - short.inputs["input_ids"].shape[1] <= 8
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "composed"])
+def test_without_the_system_prompt_an_item_renders_as_its_user_turn_alone(family_name: str) -> None:
+    item = EncodeItem(text="a red car", instruction=INSTRUCTION)
+    kept, _ = _collator(family_name).render(item)
+    alone, _ = _collator(family_name, system_prompt=False).render(item)
+    assert "system" in kept and "system" not in alone
+    assert kept.endswith(alone)
+
+
+def test_without_the_system_prompt_the_instruction_is_still_exactly_the_masked_span() -> None:
+    collator = _collator("composed", system_prompt=False)
+    batch = collator([EncodeItem(text="a photo of a cat", image=_image(), instruction=INSTRUCTION)])
+    ids, attention = batch.inputs["input_ids"][0], batch.inputs["attention_mask"][0].bool()
+    assert collator.tokenizer.decode(ids[attention & ~batch.pooling_mask[0]]).strip() == INSTRUCTION
+
+
+def test_system_prompt_auto_leaves_it_out_for_the_composed_backbone_only() -> None:
+    from umarvel.data.collator import resolve_system_prompt
+
+    assert resolve_system_prompt("auto", "composed") is False
+    assert resolve_system_prompt("auto", "qwen2_vl") is True
+    assert resolve_system_prompt("default", "composed") is True
+    assert resolve_system_prompt("none", "qwen2_vl") is False

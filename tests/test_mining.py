@@ -91,6 +91,7 @@ def test_mining_the_mini_fixture_writes_aligned_negatives_and_an_audit(mini_mbei
     audit = json.loads((tmp_path / "audit.json").read_text())
     assert sum(t["queries"] for t in audit["tasks"].values()) == len(lines)
     assert (tmp_path / "audit_scores.png").is_file()
+    assert audit["with_mined_fraction"] == 1.0  # every query kept mined negatives (3 each, above)
 
 
 def test_stage_b_trains_on_mined_negatives_and_refuses_a_misaligned_file(mini_mbeir, tmp_path) -> None:
@@ -149,3 +150,11 @@ def test_a_query_left_without_mined_negatives_gets_seeded_random_pool_candidates
     assert all(row.negatives for row in rows)
     assert all(not {c.did for c in row.negatives} & set(row.query.positives) for row in rows)
     assert [[c.did for c in r.negatives] for r in rows] == [[c.did for c in r.negatives] for r in again]
+
+
+def test_the_relative_rule_drops_what_scores_above_a_fraction_of_the_positive() -> None:
+    rules = NegativeRules(k=2, max_score=None, relative=0.8, drop_duplicates=False)
+    selection = select_negatives(SHORTLIST, {"pos"}, rules, row=0, positive_score=0.9)
+    # anything above 0.8 * 0.9 = 0.72 goes
+    assert [d for d, _ in selection.dropped["relative"]] == ["copy", "a"]
+    assert [d for d, _ in selection.negatives] == ["b", "c"]

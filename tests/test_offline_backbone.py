@@ -31,10 +31,10 @@ def test_the_image_encoder_calls_skimages_cat_photo_a_cat() -> None:
     import timm
     from PIL import Image
 
-    from umarvel.modeling.composed import images_to_tensor, load_effnet_lite0_state_dict
+    from umarvel.modeling.composed import images_to_tensor, load_vision_state_dict
 
     model = timm.create_model("efficientnet_lite0", pretrained=False)
-    missing, unexpected = model.load_state_dict(load_effnet_lite0_state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(load_vision_state_dict("efficientnet_lite0"), strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
     pixels = images_to_tensor(
         [Image.fromarray(skimage_data.chelsea())],
@@ -68,3 +68,35 @@ def test_offline_text_neighbours_prefer_the_related_sentence(offline) -> None:
         progress=False,
     )
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_the_offline_backbone_loads_the_shipped_pre_aligned_projector(offline) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from umarvel.modeling.composed import shipped_projector
+
+    weights = shipped_projector("efficientnet_lite0", 16)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert {"data", "settings", "command", "final_loss_20_step_mean", "after"} <= set(card)
+    shipped = load_file(weights)
+    loaded = offline.backbone.submodule("projector").state_dict()
+    assert shipped.keys() == loaded.keys()
+    assert all(torch.equal(shipped[k], loaded[k].float()) for k in shipped)
+
+
+def test_the_converted_smollm2_copy_loads_the_same_tokenizer_and_weights(
+    offline, tmp_path, monkeypatch
+) -> None:
+    from umarvel.modeling.backbones import state_digest
+    from umarvel.modeling.composed import load_smollm2
+
+    monkeypatch.setenv("UMARVEL_CACHE_DIR", str(tmp_path))
+    first_tokenizer, first = load_smollm2()  # from the GGUF file; writes the converted copy
+    assert list(tmp_path.glob("smollm2/*/model.safetensors"))
+    second_tokenizer, second = load_smollm2()  # from the copy
+    text = [{"role": "user", "content": "a dog runs on the grass"}]
+    assert first_tokenizer.apply_chat_template(text) == second_tokenizer.apply_chat_template(text)
+    assert len(first_tokenizer) == len(second_tokenizer)
+    assert state_digest(first) == state_digest(second)

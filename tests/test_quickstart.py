@@ -11,7 +11,7 @@ from umarvel.quickstart.benchmark import build_quickstart_benchmark, shipped_dat
 def test_the_shipped_data_is_small_and_attributed() -> None:
     data = shipped_data()
     photos = list((data / "clothing").rglob("*.jpg"))
-    assert len(photos) == 507
+    assert len(photos) == 593
     assert sum(p.stat().st_size for p in data.rglob("*") if p.is_file()) < 20 * 1024 * 1024
     assert (
         "CC0" in (data / "ATTRIBUTION.md").read_text()

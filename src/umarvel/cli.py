@@ -267,6 +267,9 @@ def mine(
     margin: Annotated[
         float | None, typer.Option(help="drop candidates above positive score - margin")
     ] = MineConfig.margin,
+    relative: Annotated[
+        float | None, typer.Option(help="drop candidates above this fraction of the positive's score")
+    ] = MineConfig.relative,
     shortlist: Annotated[int, typer.Option(help="candidates retrieved per query")] = MineConfig.shortlist,
     selection: Annotated[
         str, typer.Option(help="top | sample (from the rank window)")
@@ -295,6 +298,7 @@ def mine(
         k=k,
         max_score=max_score,
         margin=margin,
+        relative=relative,
         shortlist=shortlist,
         selection=selection,
         rank_start=rank_start,

@@ -9,6 +9,7 @@ Pooling = Literal["mean", "last_token"]
 AttentionMode = Literal["causal", "bidirectional"]
 AttentionKernel = Literal["eager", "sdpa", "flash_attention_2"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+SystemPrompt = Literal["auto", "default", "none"]
 InstructionChoice = Literal["hash", "first"]
 SourceKind = Literal["nli_csv", "sick", "stsb", "beir", "image_captions", "mbeir"]
 SplitName = Literal["train", "val", "test", "all"]
@@ -62,6 +63,10 @@ class EmbedderConfig:
         max_text_tokens: texts (instruction included) are cut to this many tokens.
         max_image_pixels: images are downscaled to at most this many pixels (300 x 28 x 28).
         format_text: apply M-BEIR's format_string to texts.
+        system_prompt: `default` renders items with the chat template's default system turn (the
+            paper's template for the Qwen families); `none` leaves it out (SmolLM2's adds 20 tokens, about
+            a third of a caption item's, and mean pooling would average them in); `auto` is `none` for
+            the composed (offline) backbone and `default` for every other family.
         batch_size: items per forward pass when encoding.
         token_budget: when > 0, also cap a batch at this many padded tokens (estimated), so batches of
             short texts are large and batches of long ones small.
@@ -91,6 +96,7 @@ class EmbedderConfig:
     max_text_tokens: int = _setting(480, "definition")
     max_image_pixels: int = _setting(300 * 28 * 28, "definition")
     format_text: bool = _setting(True, "definition")
+    system_prompt: SystemPrompt = _setting("auto", "definition")
     batch_size: int = _setting(16, "runtime")
     token_budget: int = _setting(0, "runtime")
     loader_workers: int = _setting(0, "runtime")
@@ -243,6 +249,8 @@ class RerankerConfig:
     max_text_tokens: the query text and the candidate text are each cut to this many tokens (256).
     max_image_pixels: images are downscaled to at most this many pixels.
     batch_size: pairs per forward pass when scoring.
+    system_prompt: keep the chat template's default system turn, as for the embedder (`auto`: left out
+        for the composed backbone only).
     video_frames / video_fps / video_max_frames: how videos are sampled, as for the embedder.
     """
 
@@ -253,6 +261,7 @@ class RerankerConfig:
     max_text_tokens: int = _setting(256, "definition")
     max_image_pixels: int = _setting(300 * 28 * 28, "definition")
     format_text: bool = _setting(True, "definition")
+    system_prompt: SystemPrompt = _setting("auto", "definition")
     batch_size: int = _setting(16, "runtime")
     video_frames: int = _setting(0, "definition")
     video_fps: float = _setting(2.0, "definition")

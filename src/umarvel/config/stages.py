@@ -51,8 +51,9 @@ class MineConfig:
 
     root / queries / pool: the M-BEIR folder and the query and pool files under it.
     k: negatives per query; shortlist: candidates retrieved per query before filtering.
-    max_score / margin: drop candidates above an absolute cosine (paper: 0.7) / above the positive's
-        score minus a margin. keep_duplicates keeps copies of a positive's text or image.
+    max_score / margin / relative: drop candidates above an absolute cosine (paper: 0.7) / above the
+        positive's score minus a margin / above a fraction of the positive's score (0.95: NV-Retriever's
+        TopK-PercPos). keep_duplicates keeps copies of a positive's text or image.
     selection / rank_start / rank_end: take the top k, or sample k, from that rank window.
     """
 
@@ -65,6 +66,7 @@ class MineConfig:
     k: int = 5
     max_score: float | None = 0.7
     margin: float | None = None
+    relative: float | None = None
     shortlist: int = 100
     selection: Literal["top", "sample"] = "top"
     rank_start: int = 0
@@ -78,6 +80,8 @@ class MineConfig:
         _positive(self, "k", "shortlist")
         if not 0 <= self.rank_start < self.rank_end:
             raise ValueError(f"need 0 <= rank_start < rank_end, got {self.rank_start}, {self.rank_end}")
+        if self.relative is not None and not 0 < self.relative <= 1:
+            raise ValueError(f"relative must be in (0, 1], got {self.relative}")
 
 
 @dataclass(frozen=True)

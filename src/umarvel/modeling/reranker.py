@@ -30,7 +30,7 @@ from torch import nn
 from umarvel.config.digest import json_digest, record_digests
 from umarvel.config.io import from_dict
 from umarvel.config.schema import RerankerConfig
-from umarvel.data.collator import EncodeItem
+from umarvel.data.collator import EncodeItem, apply_template, resolve_system_prompt
 from umarvel.data.io import InputError, write_json
 from umarvel.data.text import format_string
 from umarvel.modeling.attention import set_attention_mode
@@ -81,8 +81,10 @@ class PairCollator:
         max_text_tokens: int = 256,
         format_text: bool = True,
         native_video: bool = False,
+        system_prompt: bool = True,
     ) -> None:
         self.processor = processor
+        self.system_prompt = system_prompt
         self.tokenizer = processor.tokenizer
         self.nested_images = nested_images
         self.native_video = native_video
@@ -120,8 +122,11 @@ class PairCollator:
             text = self._text(item, with_instruction)
             if text:
                 content.append({"type": "text", "text": f" {text}"})
-        return self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        return apply_template(
+            self.processor,
+            [{"role": "user", "content": content}],
+            system_prompt=self.system_prompt,
+            add_generation_prompt=True,
         )
 
     def _images(self, item: EncodeItem) -> list[Any]:
@@ -214,6 +219,7 @@ class Reranker(nn.Module):
             config.max_text_tokens,
             config.format_text,
             native_video=backbone.spec.native_video,
+            system_prompt=resolve_system_prompt(config.system_prompt, backbone.spec.family),
         )
         self.yes_id, self.no_id = answer_token_ids(backbone.processor.tokenizer)
         self.fusion: dict[str, Any] = dict(fusion or {})

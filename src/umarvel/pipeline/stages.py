@@ -86,6 +86,7 @@ def run_mine(config: MineConfig, progress: bool = True) -> Artifact:
         k=config.k,
         max_score=config.max_score,
         margin=config.margin,
+        relative=config.relative,
         drop_duplicates=not config.keep_duplicates,
         rank_start=config.rank_start,
         rank_end=config.rank_end,

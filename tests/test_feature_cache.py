@@ -1,0 +1,69 @@
+"""The composed backbone computes a frozen image encoder's features once per distinct image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from umarvel.modeling.composed import build_tiny_composed
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    model, _ = build_tiny_composed()
+    model.eval()
+    for parameter in model.vision_tower.parameters():
+        parameter.requires_grad_(False)
+    calls: list[int] = []
+    forward = model.vision_tower.forward_features
+    model.vision_tower.forward_features = lambda pixels: calls.append(len(pixels)) or forward(pixels)
+    model.calls = calls
+    return model
+
+
+def _pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_frozen_encoder_sees_each_distinct_image_once_and_features_match_uncached(
+    model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pixels = _pixels(3)
+    repeated = torch.cat([pixels, pixels[:1]])  # the first image twice in one batch
+    first = model.image_features(repeated)
+    second = model.image_features(pixels)
+    assert model.calls == [3]
+    monkeypatch.setattr(type(model), "feature_cache_bytes", 0)
+    uncached = model.image_features(repeated)
+    torch.testing.assert_close(first, uncached)
+    torch.testing.assert_close(second, uncached[:3])
+
+
+def test_an_encoder_in_training_is_never_served_from_the_cache(model) -> None:
+    for parameter in model.vision_tower.parameters():
+        parameter.requires_grad_(True)
+    pixels = _pixels(2)
+    model.image_features(pixels)
+    model.image_features(pixels)
+    assert model.calls == [2, 2]
+
+
+def test_new_encoder_weights_invalidate_cached_features(model) -> None:
+    pixels = _pixels(2)
+    before = model.image_features(pixels)
+    with torch.no_grad():
+        for parameter in model.vision_tower.parameters():
+            parameter.mul_(0.5)
+    after = model.image_features(pixels)
+    assert model.calls == [2, 2]
+    assert not torch.allclose(before, after)
+
+
+def test_features_cached_while_encoding_still_train_the_projector(model) -> None:
+    pixels = _pixels(2)
+    with torch.inference_mode():
+        model.image_features(pixels)  # an evaluation before training fills the cache
+    model.image_features(pixels).sum().backward()
+    assert model.calls == [2]
+    assert model.projector[0].weight.grad is not None and bool(model.projector[0].weight.grad.abs().sum() > 0)
