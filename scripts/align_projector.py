@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import platform
 import shlex
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from umarvel.config.manifest import machine
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.collator import EncodeItem
 from umarvel.evaluation.metrics import bootstrap_interval
@@ -55,15 +55,6 @@ from umarvel.training.alignment import (
 logger = logging.getLogger("align_projector")
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "src" / "umarvel" / "modeling" / "weights"
-
-
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return platform.processor() or "unknown"
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return " ".join(keep) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
 
 
 def stable_rank(name: str) -> str:
@@ -267,7 +258,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
-    flags = cpu_flags()
+    flags = " ".join(machine()["cpu_flags"]) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
     data = photo_splits(args.data, args.held_photos)
     designs = (
         [("efficientnet_lite0", 16), ("efficientnet_lite0", 49), ("efficientnet_lite2", 16)]

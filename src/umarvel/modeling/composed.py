@@ -123,9 +123,12 @@ class ComposedModel(PreTrainedModel):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n_images, 3, S, S) -> (n_images, visual_tokens, hidden)."""
-        pooled = self.pooled_features(pixel_values)  # (n, C, g, g)
+        return self.project(self.pooled_features(pixel_values))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled feature maps (n, C, g, g) -> visual tokens (n, g*g, hidden)."""
         tokens = pooled.flatten(2).transpose(1, 2)  # (n, g*g, C)
-        return self.projector(tokens.to(self.projector[0].weight.dtype))  # (n, g*g, hidden)
+        return self.projector(tokens.to(self.projector[0].weight.dtype))
 
     def pooled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The image encoder's pooled feature map (n, C, g, g).

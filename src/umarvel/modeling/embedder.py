@@ -33,6 +33,7 @@ from torch.nn import functional
 
 from umarvel.config.digest import json_digest, record_digests
 from umarvel.config.io import from_dict
+from umarvel.config.manifest import machine
 from umarvel.config.schema import EmbedderConfig, fields_with_role
 from umarvel.data.collator import Collator, EncodedBatch, EncodeItem, resolve_system_prompt
 from umarvel.data.io import InputError
@@ -60,14 +61,9 @@ def saved_settings(folder: str | Path) -> dict[str, Any]:
 
 
 def native_bf16() -> bool:
-    """Whether this machine computes bf16 natively: a bf16-capable GPU, or a CPU with AMX / AVX512-BF16."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """Whether this machine computes bf16 natively: a bf16-capable GPU, or a CPU with AMX / AVX512-BF16
+    (`config.manifest.machine`, which manifests record)."""
+    return machine()["dtype_auto"] == "bfloat16"
 
 
 def resolve_config(model: str, overrides: Sequence[str] = ()) -> EmbedderConfig:

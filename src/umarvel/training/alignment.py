@@ -67,8 +67,7 @@ def feature_maps(
 def visual_tokens(model: ComposedModel, maps: torch.Tensor) -> torch.Tensor:
     """Feature maps (n, C, h, w) -> projected visual tokens (n, T, hidden), exactly as the model's forward
     computes them from pixels."""
-    pooled = model.visual_pool(maps.to(model.projector[0].weight.dtype))  # (n, C, g, g)
-    return model.projector(pooled.flatten(2).transpose(1, 2))  # (n, g*g, hidden)
+    return model.project(model.visual_pool(maps.to(model.projector[0].weight.dtype)))
 
 
 class CaptionSequences:
