@@ -68,6 +68,24 @@ def test_a_hard_negative_that_is_the_positive_is_masked() -> None:
     assert masked.item() < unmasked.item()
 
 
+def test_another_labelled_positive_of_the_query_is_masked_in_both_directions() -> None:
+    # Query 0 asks for a class with photos 1 and 2; row 1's positive is photo 2, so it is no negative
+    # of query 0 (and query 0 is no negative of candidate 2 in the reverse direction).
+    torch.manual_seed(0)
+    q, p = torch.randn(3, 4), torch.randn(3, 4)
+    ids = {"positive_ids": torch.tensor([1, 2, 3]), "relevant_ids": torch.tensor([[1, 2], [2, 2], [3, 3]])}
+    parts = info_nce(q, p, 0.1, symmetric=True, **ids)
+    forward, reverse = q @ p.T / 0.1, p @ q.T / 0.1
+    forward[0, 1] = float("-inf")
+    reverse[1, 0] = float("-inf")
+    torch.testing.assert_close(
+        parts["query_to_candidate"], functional.cross_entropy(forward, torch.arange(3))
+    )
+    torch.testing.assert_close(
+        parts["candidate_to_query"], functional.cross_entropy(reverse, torch.arange(3))
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -97,6 +97,16 @@ def test_fusion_with_weight_zero_reproduces_the_retriever_ranking() -> None:
     assert [d for d, _ in fuse(ranked, p_yes, 1.0, top=3)] == ["b", "c", "a", "d"]
 
 
+def test_rows_whose_recall_re_ranking_cannot_change_are_named() -> None:
+    from umarvel.data.mbeir import Row
+    from umarvel.evaluation.rerank import blind_rows
+
+    rows = [Row("mscoco", 0, 5), Row("fashioniq", 7, 10)]
+    assert blind_rows(rows, 3) == rows
+    assert blind_rows(rows, 6) == [rows[1]]
+    assert blind_rows(rows, 11) == []
+
+
 def test_the_sample_is_stratified_seeded_and_covers_every_task() -> None:
     from umarvel.data.records import Query
     from umarvel.pipeline.rerank import sample_queries
@@ -280,12 +290,14 @@ def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs
     rows = [s.row for s in retrieval.rows]
     with pytest.raises(ValueError, match="never on the test split"):
         tune_fusion(ranker, root, tmp_path / "ret" / "runs", tmp_path / "t", rows, split="test")
+    with pytest.raises(ValueError, match="cannot change any row's headline recall"):
+        tune_fusion(ranker, root, tmp_path / "ret" / "runs", tmp_path / "t", rows, "val", top=5)
     choice = tune_fusion(
-        ranker, root, tmp_path / "ret" / "runs", tmp_path / "t", rows, "val", top=5, grid=(0.0, 1.0)
+        ranker, root, tmp_path / "ret" / "runs", tmp_path / "t", rows, "val", top=11, grid=(0.0, 1.0)
     )
     assert choice["weight"] in (0.0, 1.0) and choice["split"] == "val"
     zero = rerank_runs(
-        ranker, root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=5, weights=(0.0,)
+        ranker, root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=11, weights=(0.0,)
     )
     assert zero[0.0].to_json()["average"] == retrieval.to_json()["average"]
 
@@ -333,7 +345,7 @@ def test_the_cli_tunes_on_val_stores_the_weight_and_eval_uses_it(
     tune += ["--out", str(tmp_path / "t")]
     refused = runner.invoke(app, [*tune, "--split", "test"])
     assert refused.exit_code == 2 and "refuses the test split" in refused.output
-    tuned = runner.invoke(app, [*tune, "--rerank-top", "5", "--grid", "0.0", "--grid", "0.5"])
+    tuned = runner.invoke(app, [*tune, "--rerank-top", "11", "--grid", "0.0", "--grid", "0.5"])
     assert tuned.exit_code == 0, tuned.output
     stored = json.loads((r1 / "fusion.json").read_text())
     assert stored["split"] == "val" and stored["weight"] in (0.0, 0.5)

@@ -189,6 +189,15 @@ def test_positives_are_sampled_per_seed_epoch_and_row(tmp_path: Path) -> None:
     assert picks != [first[i]["positive_id"] for i in range(8)]
 
 
+def test_every_item_carries_the_ids_of_all_its_rows_positives(tmp_path: Path) -> None:
+    from umarvel.data.sampling import stable_id
+
+    dataset = TrainingSet(_rows(tmp_path, with_images=False), seed=0)
+    item = dataset[2]
+    assert item["relevant_ids"] == [stable_id("c2"), stable_id("c2b")]
+    assert item["positive_id"] in item["relevant_ids"]
+
+
 def test_a_recipe_with_an_unknown_key_fails_before_any_work(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -176,7 +176,8 @@ class TrainConfig:
     """One training stage.
 
     Loss: symmetric adds the candidate->query direction; hard_negatives k per query (stage B);
-        mask_false_negatives masks in-batch candidates that share the positive's id; gather_across_devices
+        mask_false_negatives masks in-batch candidates that share the positive's id or are any other
+        labelled positive of the query (the first 64; class-level relevance has many); gather_across_devices
         uses every device's batch as negatives.
     Optimiser: AdamW, cosine schedule with warm-up; temperature_lr is the temperature's own learning
         rate (defaults to learning_rate).

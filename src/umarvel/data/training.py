@@ -243,6 +243,11 @@ def encode_record(record: Query | Candidate, settings: Any, with_instruction: bo
     )
 
 
+# At most this many labelled positives per query are masked as in-batch false negatives (queries with
+# class-level relevance can have hundreds; the first ones are enough to show the rule and bound memory).
+MAX_RELEVANT = 64
+
+
 class TrainingSet(Dataset):
     """Map-style dataset of training rows; item i is (query, one positive, k negatives) for the epoch.
 
@@ -281,6 +286,9 @@ class TrainingSet(Dataset):
             "video_max_frames": video_max_frames,
         }
         self.epoch = 0
+        # Every item carries the ids of all of its row's labelled positives (padded to one width for the
+        # whole set, so batches stack and gather across ranks), for in-batch false-negative masking.
+        self.relevant_width = min(MAX_RELEVANT, max((len(r.positives) for r in self.rows), default=1))
         if distill_top:
             bare = [r.query.source for r in self.rows if not r.shortlist]
             if bare:
@@ -318,6 +326,8 @@ class TrainingSet(Dataset):
             positive = pick_positive(row.positives, self.seed, self.epoch, index)
             item["positive"] = self._encode(positive)
             item["positive_id"] = stable_id(positive.did)
+            relevant = [stable_id(c.did) for c in row.positives[: self.relevant_width]]
+            item["relevant_ids"] = relevant + [item["positive_id"]] * (self.relevant_width - len(relevant))
         if self.distill_top:
             kept = list(range(min(self.distill_top, len(row.shortlist))))
             padded = kept + [kept[-1]] * (self.distill_top - len(kept))

@@ -120,6 +120,9 @@ class Scores:
                     "global_all": s.global_,
                     "interval": {setting: self.interval(setting, [s]) for setting in ("local", "global")},
                     "queries": len(next(iter(s.hits.values()), [])),
+                    # Per judged query (qrels order), 1 when it hit at the headline k: for paired
+                    # comparisons of two runs on the same queries (benchmarks/ablations.py).
+                    "hits": {setting: s.hits.get(setting) for setting in ("local", "global")},
                 }
                 for s in self.rows
             ],
@@ -464,9 +467,10 @@ def plot_comparison(table: dict[str, Any], path: Path) -> Path | None:
     bars = ((-0.2, "local", local, "local pools"), (0.2, "global", global_, "global pool"))
     for offset, setting, values, label in bars:
         intervals = [table.get("interval", {}).get(r, {}).get(setting) for r in runs]
-        errors = None
-        if all(intervals):  # bootstrap 95% intervals as error bars
-            errors = np.array([[v - i[0], i[1] - v] for v, i in zip(values, intervals, strict=True)]).T
+        # Bootstrap 95% intervals as error bars (none for a run without that pool, drawn at 0).
+        errors = np.array(
+            [[v - i[0], i[1] - v] if i else [0, 0] for v, i in zip(values, intervals, strict=True)]
+        ).T
         axis.bar(positions + offset, values, 0.4, yerr=errors, capsize=3, label=label)
     axis.set_xticks(positions, runs, rotation=20, ha="right")
     axis.set(ylabel="average headline recall (%)", title="M-BEIR-format benchmark by stage")

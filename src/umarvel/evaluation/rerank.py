@@ -153,6 +153,12 @@ def _records(mbeir: MBeir, rows: Sequence[Row], split: str, settings: Iterable[P
     return queries, candidates
 
 
+def blind_rows(rows: Sequence[Row], top: int) -> list[Row]:
+    """The rows whose headline Recall@k re-ranking the top `top` cannot change: reordering only the
+    first `top` <= k candidates never moves one into or out of the top k."""
+    return [row for row in rows if top <= row.k]
+
+
 def rerank_runs(
     reranker: Any,
     root: str | Path,
@@ -169,6 +175,14 @@ def rerank_runs(
     """Re-rank the run files in `runs_dir` for each weight; the first weight's runs and results go to
     `out_dir` (runs/, results.json, results.md); every weight's scores are returned."""
     mbeir, runs_dir, out_dir = MBeir(root, instruction_choice), Path(runs_dir), Path(out_dir)  # type: ignore[arg-type]
+    for row in blind_rows(rows, top):
+        logger.warning(
+            "%s: re-ranking the top %d cannot change its Recall@%d (use a top above %d)",
+            row.name,
+            top,
+            row.k,
+            row.k,
+        )
     queries, candidates = _records(mbeir, rows, split, settings)
     retrieved = {
         (row.name, setting): read_scored_run(runs_dir / run_file_name(row, setting, split))
@@ -245,6 +259,12 @@ def tune_fusion(
     weight}; also writes `fusion.json` to `out_dir`."""
     if split == "test":
         raise ValueError("the fusion weight is tuned on a validation split, never on the test split")
+    if rows and len(blind_rows(rows, top)) == len(rows):
+        largest = max(row.k for row in rows)
+        raise ValueError(
+            f"re-ranking the top {top} cannot change any row's headline recall (k up to {largest}), so "
+            f"every weight would tie: tune with rerank_top above {min(row.k for row in rows)}"
+        )
     results = rerank_runs(
         reranker, root, runs_dir, out_dir, rows, split, settings, top, grid, progress, instruction_choice
     )

@@ -19,6 +19,7 @@ def info_nce(
     negatives: torch.Tensor | None = None,
     positive_ids: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
+    relevant_ids: torch.Tensor | None = None,
     symmetric: bool = False,
     gather: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -26,7 +27,9 @@ def info_nce(
 
     Row i's logits are [q_i . p_j for every j] ++ [q_i . h_{j,m} for every j, m], divided by the
     temperature, with target i. When ids are given, a candidate that has the same id as row i's positive
-    (another row sharing that positive, or a hard negative that is in fact it) is masked out of row i.
+    (another row sharing that positive, or a hard negative that is in fact it) is masked out of row i;
+    with `relevant_ids`, so is every candidate labelled relevant to query i (another photo of the class
+    a query asks for is not a negative).
 
     Args:
         queries: (N, D) query embeddings (normalised for cosine scores).
@@ -35,6 +38,8 @@ def info_nce(
         negatives: optional (N, k, D) hard negatives per query.
         positive_ids: optional (N,) integer ids of the positives, for false-negative masking.
         negative_ids: optional (N, k) integer ids of the hard negatives.
+        relevant_ids: optional (N, W) ids of every labelled positive of each query (padded by repeating
+            one of them), masked as false negatives; needs `positive_ids`.
         symmetric: also add the candidate->query direction over the positives (CLIP-style).
         gather: first gather every tensor across processes (see `gather_with_local_grad`).
 
@@ -46,6 +51,7 @@ def info_nce(
         negatives = gather_with_local_grad(negatives) if negatives is not None else None
         positive_ids = gather_with_local_grad(positive_ids) if positive_ids is not None else None
         negative_ids = gather_with_local_grad(negative_ids) if negative_ids is not None else None
+        relevant_ids = gather_with_local_grad(relevant_ids) if relevant_ids is not None else None
     n = queries.shape[0]
     candidates = positives  # (N, D)
     candidate_ids = positive_ids
@@ -57,6 +63,9 @@ def info_nce(
     target = torch.arange(n, device=queries.device)  # (N,)
     if candidate_ids is not None and positive_ids is not None:
         same = positive_ids[:, None] == candidate_ids[None, :]  # (N, N + N*k)
+        if relevant_ids is not None:
+            for column in relevant_ids.T:  # one (N, N + N*k) comparison per positive slot, not (N, W, C)
+                same |= column[:, None] == candidate_ids[None, :]
         same[target, target] = False  # never mask the target itself
         scores = scores.masked_fill(same, torch.finfo(scores.dtype).min)
     parts = {"query_to_candidate": functional.cross_entropy(scores, target)}
@@ -64,6 +73,9 @@ def info_nce(
         reverse = positives @ queries.T / temperature  # (N, N): candidate j against every query
         if positive_ids is not None:
             duplicate = positive_ids[:, None] == positive_ids[None, :]  # (N, N)
+            if relevant_ids is not None:
+                # Candidate j against query i is masked when j's positive is relevant to query i.
+                duplicate |= same[:, :n].T
             duplicate[target, target] = False
             reverse = reverse.masked_fill(duplicate, torch.finfo(reverse.dtype).min)
         parts["candidate_to_query"] = functional.cross_entropy(reverse, target)

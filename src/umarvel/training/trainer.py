@@ -61,6 +61,8 @@ class ContrastiveCollator:
         if examples[0].get("positive") is not None:
             batch["positives"] = self._chunks([e["positive"] for e in examples])
             batch["positive_ids"] = torch.tensor([e["positive_id"] for e in examples], dtype=torch.long)
+            if "relevant_ids" in examples[0]:
+                batch["relevant_ids"] = torch.tensor([e["relevant_ids"] for e in examples], dtype=torch.long)
         negatives = [n for e in examples for n in e["negatives"]]
         if negatives:
             batch["negatives"] = self._chunks(negatives)
@@ -244,6 +246,7 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
             negatives=negatives,
             positive_ids=inputs["positive_ids"] if masking else None,
             negative_ids=inputs.get("negative_ids") if masking else None,
+            relevant_ids=inputs.get("relevant_ids") if masking else None,
             symmetric=config.symmetric,
             gather=gather,
         )
@@ -276,6 +279,7 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
                 negatives=shortlist,
                 positive_ids=inputs["positive_ids"],
                 negative_ids=inputs["shortlist_ids"],
+                relevant_ids=inputs.get("relevant_ids"),
             )["query_to_candidate"]
             parts["infonce"] = config.distill_infonce_weight * nce
         return self._record(parts)
