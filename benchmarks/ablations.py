@@ -43,7 +43,7 @@ from umarvel.config.io import from_dict
 from umarvel.config.manifest import describe_machine, machine
 from umarvel.config.stages import PipelineConfig
 from umarvel.data.io import atomic_write, write_json
-from umarvel.evaluation.metrics import bootstrap_interval
+from umarvel.evaluation.mbeir import paired_difference
 from umarvel.pipeline.run import run_stage, validate
 from umarvel.quickstart.benchmark import build_quickstart_benchmark
 
@@ -143,25 +143,6 @@ def build_pipeline(out: Path, root: Path, args: argparse.Namespace) -> dict[str,
     return {"output_dir": str(out / "stages"), "seed": args.seed, "stages": stages}
 
 
-def _hits(folder: Path) -> dict[str, dict[str, list[int]]]:
-    """Per row and pool setting, each judged query's hit at the headline k (results.json)."""
-    result = json.loads((folder / "results.json").read_text())
-    return {f"{r['dataset']}_task{r['task_id']}": r["hits"] for r in result["rows"]}, result
-
-
-def paired_difference(a: dict, b: dict, setting: str) -> dict[str, Any]:
-    """A - B averaged over rows, with the bootstrap interval over queries within rows."""
-    groups, per_row = [], {}
-    for row, hits in a.items():
-        first, second = np.asarray(hits[setting], float), np.asarray(b[row][setting], float)
-        if len(first) != len(second):
-            raise ValueError(f"{row}: the two runs judged different queries ({len(first)} vs {len(second)})")
-        groups.append(first - second)
-        per_row[row] = round(100 * float((first - second).mean()), 2)
-    difference = round(100 * float(np.mean([g.mean() for g in groups])), 2)
-    return {"difference": difference, "interval": list(bootstrap_interval(groups)), "rows": per_row}
-
-
 def _verdict(interval: list[float], paper: float | None) -> str:
     if paper is None:
         return (
@@ -179,7 +160,8 @@ def render(report: dict[str, Any]) -> str:
         f"# Ablations at CPU scale: {report['budget']}",
         "",
         f"{report['machine_line']}. Benchmark: the quickstart's (semi-synthetic clothing rows, "
-        f"{report['test_queries']} test queries). {report['minutes']:.0f} min for this run.",
+        f"{report['test_queries']} test queries). {report['minutes']:.0f} min for this run (a rerun "
+        "skips finished stages; all of them from scratch take about 37 min).",
         "",
         "Each cell: A - B in points of M-BEIR average recall (local / global), bootstrap 95% interval over "
         "queries, paired; the paper's difference (Qwen2-VL-7B on M-BEIR) beside it.",
@@ -207,6 +189,11 @@ def render(report: dict[str, Any]) -> str:
             f"| {v['average']['global']:.2f} [{gl[0]:.1f}, {gl[1]:.1f}] "
             f"| {v['final_loss']} | {v['seconds_per_step']} |"
         )
+    lines += [
+        "",
+        "s / step is the wall time of each variant's training, comparable only where the machine was "
+        "otherwise idle for all of them (it is not when variants were added on a later run).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +224,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_yticks(range(len(comparisons)), [c["question"] for c in comparisons])
     ax.invert_yaxis()
     ax.set_xlabel("A - B, points of average recall (95% CI)")
-    ax.set_title(f"Ablations at CPU scale ({report['budget']})")
+    ax.set_title(f"Ablations at CPU scale\n{report['budget']}", fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -268,9 +255,9 @@ def main() -> None:
     for spec in pipeline.stages:
         status = run_stage(spec, configs[spec.name], stages, pipeline.seed, progress=False)
         logger.info("stage %s: %s", spec.name, status)
-    hits, variants = {}, {}
+    results, variants = {}, {}
     for name in (*VARIANTS, "B_filtered", "B_unfiltered"):
-        hits[name], result = _hits(stages / f"eval_{name}")
+        result = results[name] = json.loads((stages / f"eval_{name}" / "results.json").read_text())
         metrics = json.loads((stages / name / "metrics.json").read_text())
         history = metrics["log_history"]
         losses = [h["loss"] for h in history if "loss" in h]
@@ -282,7 +269,7 @@ def main() -> None:
         }
     comparisons = []
     for question, a, b, paper, table in COMPARISONS:
-        local, global_ = (paired_difference(hits[a], hits[b], s) for s in ("local", "global"))
+        local, global_ = (paired_difference(results[a], results[b], s) for s in ("local", "global"))
         comparisons.append(
             {
                 "question": question,
@@ -300,7 +287,7 @@ def main() -> None:
         "budget": f"{args.steps} steps x {args.batch} queries, lr {args.lr:g} (stage B: half of each)",
         "machine": facts,
         "machine_line": describe_machine(facts),
-        "test_queries": sum(len(h["local"]) for h in hits["umarvel"].values()),
+        "test_queries": sum(r["queries"] for r in results["umarvel"]["rows"]),
         "minutes": (time.perf_counter() - started) / 60,
         "variants": variants,
         "comparisons": comparisons,

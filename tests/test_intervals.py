@@ -55,3 +55,28 @@ def test_results_json_carries_an_interval_per_row_and_for_the_averages(
 def test_an_empty_group_list_is_an_error() -> None:
     with pytest.raises(ValueError, match="no values"):
         bootstrap_interval([[]])
+
+
+def _result(hits: dict[str, list[int]]) -> dict:
+    rows = []
+    for name, values in hits.items():
+        dataset, task = name.split("_task")
+        rows.append({"dataset": dataset, "task_id": int(task), "hits": {"local": values, "global": None}})
+    return {"rows": rows}
+
+
+def test_pairing_makes_a_small_consistent_gain_significant_where_two_separate_intervals_overlap() -> None:
+    # B hits the same queries as A plus 8 more of 100: A's and B's own intervals overlap, the paired
+    # difference (+8 on every resample that keeps any of those queries) excludes 0.
+    from umarvel.evaluation.mbeir import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = (rng.random(100) < 0.5).astype(int)
+    better = base.copy()
+    better[np.flatnonzero(base == 0)[:8]] = 1
+    a, b = _result({"mscoco_task0": better.tolist()}), _result({"mscoco_task0": base.tolist()})
+    step = paired_difference(a, b, "local")
+    assert step["difference"] == pytest.approx(8.0)
+    assert step["interval"][0] > 0
+    assert bootstrap_interval([base.tolist()])[1] > bootstrap_interval([better.tolist()])[0]
+    assert paired_difference(a, b, "global") is None

@@ -8,6 +8,7 @@ the average is the unweighted mean over the rows present.
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -415,6 +416,34 @@ def _search_and_score(
     return scores
 
 
+def row_hits(result: dict[str, Any]) -> dict[str, dict[str, list[int] | None]]:
+    """Per row (`mscoco_task0`) and pool setting, each judged query's hit at the headline k, from a
+    loaded `results.json`."""
+    return {f"{r['dataset']}_task{r['task_id']}": r.get("hits", {}) for r in result["rows"]}
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any], setting: PoolSetting) -> dict[str, Any] | None:
+    """Run A minus run B (two loaded `results.json` on the same queries) in points of average headline
+    recall, with a bootstrap 95% interval that resamples queries within rows, the same queries on both
+    sides (the pairing removes what the queries share). Only rows both runs scored count; None when
+    there is none."""
+    first, second = row_hits(a), row_hits(b)
+    groups, per_row = [], {}
+    for row, hits in first.items():
+        mine, theirs = hits.get(setting), second.get(row, {}).get(setting)
+        if not mine or not theirs:
+            continue
+        if len(mine) != len(theirs):
+            raise ValueError(f"{row}: the two runs judged different queries ({len(mine)} vs {len(theirs)})")
+        difference = np.asarray(mine, dtype=float) - np.asarray(theirs, dtype=float)
+        groups.append(difference)
+        per_row[row] = round(100 * float(difference.mean()), 2)
+    if not groups:
+        return None
+    average = round(100 * float(np.mean([g.mean() for g in groups])), 2)
+    return {"difference": average, "interval": list(bootstrap_interval(groups)), "rows": per_row}
+
+
 def compare_results(runs: Sequence[tuple[str, Path]]) -> tuple[str, dict[str, Any]]:
     """A markdown table of several `results.json` side by side (one column pair per run: local and
     global headline recall per row, then the averages) and the same data as a dict."""
@@ -447,6 +476,12 @@ def compare_results(runs: Sequence[tuple[str, Path]]) -> tuple[str, dict[str, An
         for setting in ("local", "global"):
             averages.append(_with_interval(average.get(setting), interval.get(setting), bold=True))
     lines.append("| **average** | | " + " | ".join(averages) + " |")
+    # Each run against the one before it, paired over the same queries (a stage against its input).
+    names = [name for name, _ in runs]
+    table["versus_previous"] = {
+        name: {s: paired_difference(loaded[name], loaded[before], s) for s in ("local", "global")}
+        for before, name in itertools.pairwise(names)
+    }
     return "\n".join(lines), table
 
 
@@ -488,9 +523,9 @@ def render_stage_rows(table: dict[str, Any]) -> str:
     header = (
         "| stage | "
         + " | ".join(f"{r} (local / global)" for r in rows)
-        + " | average local [95% CI] | average global [95% CI] |"
+        + " | average local [95% CI] | average global [95% CI] | local vs previous stage [95% CI] |"
     )
-    lines = [header, "|" + "---|" * (3 + len(rows))]
+    lines = [header, "|" + "---|" * (4 + len(rows))]
     for run, average in table["average"].items():
         cells = []
         for row in rows:
@@ -498,5 +533,16 @@ def render_stage_rows(table: dict[str, Any]) -> str:
             cells.append(" / ".join("-" if v is None else f"{v:.1f}" for v in (local, global_)))
         interval = table.get("interval", {}).get(run, {})
         values = [_with_interval(average.get(s), interval.get(s), bold=True) for s in ("local", "global")]
+        step = (table.get("versus_previous", {}).get(run) or {}).get("local")
+        values.append(_signed(step))
         lines.append(f"| {run} | " + " | ".join(cells) + " | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _signed(step: dict[str, Any] | None) -> str:
+    """A paired difference as `+3.20 [+0.5, +6.0]`, starred when its interval excludes 0."""
+    if step is None:
+        return "-"
+    low, high = step["interval"]
+    star = " *" if low > 0 or high < 0 else ""
+    return f"{step['difference']:+.2f} [{low:+.1f}, {high:+.1f}]{star}"

@@ -144,7 +144,7 @@ def _recipes(folder: Path, root: Path, pairs: Path, scale: QuickstartScale) -> d
             "data": {"train": [mbeir]},
             "train": {
                 **common,
-                "learning_rate": 5e-4,
+                "learning_rate": 1e-4,
                 "max_steps": scale.negative_steps,
                 "hard_negatives": 2,
                 "per_device_batch_size": max(2, scale.batch // 2),
@@ -174,7 +174,7 @@ def _recipes(folder: Path, root: Path, pairs: Path, scale: QuickstartScale) -> d
                 **common,
                 "loss": "distill",
                 "distill_top": scale.shortlist,
-                "learning_rate": 5e-4,
+                "learning_rate": 2e-4,
                 "max_steps": scale.distill_steps,
                 "per_device_batch_size": max(2, scale.batch // 4),
                 "gradcache_chunk_size": 8,
@@ -315,7 +315,11 @@ def run_quickstart(
         f"Quickstart ({scale}) on {describe_machine(table['machine'])}; "
         f"{times['total'] / 60:.1f} min of wall time for this run (a rerun skips finished stages)."
     )
-    markdown = header + "\n\n" + render_stage_rows(table)
+    legend = (
+        "Last column: each stage minus the one before it (its input), paired over the same test queries; "
+        "* marks an interval that excludes 0."
+    )
+    markdown = header + "\n\n" + render_stage_rows(table) + "\n\n" + legend
     (out / "stages.md").write_text(markdown + "\n")
     plot_comparison(table, out / "stages.png")
     index = out / "index"
