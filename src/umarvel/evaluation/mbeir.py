@@ -416,10 +416,15 @@ def _search_and_score(
     return scores
 
 
+def _row_key(row: dict[str, Any]) -> str:
+    """A `results.json` row's name, as `Row.name` writes it (`mscoco_task0`)."""
+    return f"{row['dataset']}_task{row['task_id']}"
+
+
 def row_hits(result: dict[str, Any]) -> dict[str, dict[str, list[int] | None]]:
     """Per row (`mscoco_task0`) and pool setting, each judged query's hit at the headline k, from a
     loaded `results.json`."""
-    return {f"{r['dataset']}_task{r['task_id']}": r.get("hits", {}) for r in result["rows"]}
+    return {_row_key(r): r.get("hits", {}) for r in result["rows"]}
 
 
 def paired_difference(a: dict[str, Any], b: dict[str, Any], setting: PoolSetting) -> dict[str, Any] | None:
@@ -453,7 +458,7 @@ def compare_results(runs: Sequence[tuple[str, Path]]) -> tuple[str, dict[str, An
     rows: list[tuple[str, str]] = []
     for result in loaded.values():
         for row in result["rows"]:
-            key = (f"{row['dataset']}_task{row['task_id']}", row["metric"].replace("Recall", "R"))
+            key = (_row_key(row), row["metric"].replace("Recall", "R"))
             if key not in rows:
                 rows.append(key)
     header = "| row | metric | " + " | ".join(f"{n} local | {n} global" for n, _ in runs) + " |"
@@ -462,9 +467,7 @@ def compare_results(runs: Sequence[tuple[str, Path]]) -> tuple[str, dict[str, An
     for name, metric in rows:
         cells = []
         for run, _ in runs:
-            found = next(
-                (r for r in loaded[run]["rows"] if f"{r['dataset']}_task{r['task_id']}" == name), None
-            )
+            found = next((r for r in loaded[run]["rows"] if _row_key(r) == name), None)
             values = (found or {}).get("local"), (found or {}).get("global")
             table["rows"].setdefault(name, {})[run] = values
             cells.extend("-" if v is None else f"{v:.2f}" for v in values)
