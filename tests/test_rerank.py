@@ -444,3 +444,72 @@ def test_a_rerun_of_score_with_another_reranker_scores_every_part_again(
         **settings,
     )
     assert path.read_text() == fresh.read_text() != chain["teacher"].read_text()
+
+
+def _shared_query_pairs() -> list[RerankPair]:
+    red = Image.new("RGB", (64, 48), (200, 30, 30))
+    blue = Image.new("RGB", (40, 40), (20, 30, 200))
+    photo = EncodeItem(image=red, text="what colour is it?", instruction="Find a caption.")
+    words = EncodeItem(text="a dog", instruction="Find an image.")
+    return [
+        RerankPair(photo, EncodeItem(text="red, bright")),
+        RerankPair(photo, EncodeItem(image=blue)),
+        RerankPair(photo, EncodeItem(text="a cat sitting on a very long wooden fence")),
+        RerankPair(words, EncodeItem(image=red)),
+        RerankPair(words, EncodeItem(image=blue, text="blue")),
+        RerankPair(EncodeItem(image=blue, text="a blue square"), EncodeItem(text="blue")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def composed_reranker() -> Reranker:
+    return Reranker.from_pretrained("tiny:composed")
+
+
+def _full_forward(ranker: Reranker, batch) -> torch.Tensor:
+    hidden = ranker.backbone.forward(batch.inputs)
+    last = hidden[torch.arange(hidden.shape[0]), batch.answer_positions]
+    return (last @ ranker.output_embedding().T).float()
+
+
+def test_a_batch_sharing_its_prompt_prefix_gives_the_logits_of_full_forward_passes(
+    composed_reranker: Reranker,
+) -> None:
+    ranker = composed_reranker.eval()
+    batch = ranker.collator(_shared_query_pairs()[:3])
+    with torch.no_grad():
+        hidden, shared = ranker._forward_shared(batch)
+        torch.testing.assert_close(ranker(batch), _full_forward(ranker, batch), atol=1e-5, rtol=1e-5)
+    # The three pairs share the instruction, the query's photo and its text.
+    assert (
+        shared > ranker.backbone.processor.visual_tokens
+        and hidden.shape[1] == batch.inputs["input_ids"].shape[1] - shared
+    )
+
+
+def test_scoring_batches_end_where_the_query_changes_and_a_lone_pair_joins_the_next(
+    composed_reranker: Reranker,
+) -> None:
+    pairs = _shared_query_pairs()
+    assert list(composed_reranker._batches(pairs, 16)) == [(0, 3), (3, 5), (5, 6)]
+    assert list(composed_reranker._batches(pairs, 2)) == [(0, 2), (2, 4), (4, 6)]
+    lone_first = [pairs[5], *pairs[:3]]
+    assert list(composed_reranker._batches(lone_first, 16)) == [(0, 4)]
+    scores = composed_reranker.score(pairs)
+    alone = np.array([composed_reranker.score([p])[0] for p in pairs])
+    np.testing.assert_allclose(scores, alone, atol=1e-5)
+
+
+def test_training_through_the_shared_prefix_gives_the_gradients_of_full_forward_passes(
+    composed_reranker: Reranker,
+) -> None:
+    ranker = Reranker.from_pretrained("tiny:composed").train()
+    batch = ranker.collator([p for p in _shared_query_pairs() if p.query.text != "a dog"])
+    weights = [p for p in ranker.backbone.language_model.parameters() if p.requires_grad]
+    ranker(batch)[:, ranker.yes_id].sum().backward()
+    shared = [w.grad.clone() for w in weights]
+    ranker.zero_grad()
+    _full_forward(ranker, batch)[:, ranker.yes_id].sum().backward()
+    for a, w in zip(shared, weights, strict=True):
+        torch.testing.assert_close(a, w.grad, atol=1e-5, rtol=1e-4)
+    assert ranker._forward_shared(batch)[1] > 0  # the instruction is shared across the two queries

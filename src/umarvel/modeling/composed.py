@@ -167,6 +167,12 @@ class ComposedModel(PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        embeds = self.input_embeds(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    def input_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The language model's input embeddings (B, L, H), the visual tokens spliced into the image
+        placeholders."""
         embeds = self.get_input_embeddings()(input_ids)  # (B, L, H)
         if pixel_values is not None and pixel_values.shape[0] > 0:
             visual = self.image_features(pixel_values.to(self.vision_dtype))  # (n, T, H)
@@ -177,7 +183,7 @@ class ComposedModel(PreTrainedModel):
                     f"{visual.shape[1]} visual tokens"
                 )
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1))
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        return embeds
 
     @property
     def vision_dtype(self) -> torch.dtype:

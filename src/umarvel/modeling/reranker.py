@@ -14,6 +14,7 @@ else the tied input embeddings (SmolLM2, the tiny test models).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,8 @@ INSTRUCTION = (
     "requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'."
 )
 ANSWERS = ("Yes", "No")
+# Shorter shared prefixes are not worth a second pass through the language model.
+MIN_SHARED_PREFIX = 8
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,12 @@ class PairCollator:
         length = attention.shape[1]
         positions = length - 1 - torch.flip(attention, dims=[1]).argmax(dim=1)
         return PairBatch(dict(encoding), positions)
+
+
+def _cache_argument(language_model: nn.Module) -> str:
+    """The name a decoder's forward takes its key/value cache by: `cache` from transformers 5.24 on,
+    `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
 
 
 def _media(item: EncodeItem) -> bool:
@@ -297,13 +306,63 @@ class Reranker(nn.Module):
             return self.head
         return self.backbone.language_model.get_input_embeddings().weight
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether a batch's shared prompt prefix runs once (`share_prefix`, on the composed backbone:
+        its language model takes input embeddings and a key/value cache with 1-D positions). Other
+        families run every pair in full."""
+        return self.settings.share_prefix and callable(
+            getattr(self.backbone.base_model, "input_embeds", None)
+        )
+
     def forward(self, batch: PairBatch) -> torch.Tensor:
         """Next-token logits over the vocabulary at each row's answer position, float32 (B, V)."""
-        hidden = self.backbone.forward(batch.inputs)  # (B, L, H)
+        positions = batch.answer_positions
+        if self.shares_prefix:
+            hidden, offset = self._forward_shared(batch)
+        else:
+            hidden, offset = self.backbone.forward(batch.inputs), 0  # (B, L, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, batch.answer_positions]  # (B, H)
+        last = hidden[rows, positions - offset]  # (B, H)
         weight = self.output_embedding()
         return (last.to(weight.dtype) @ weight.T).float()
+
+    def _forward_shared(self, batch: PairBatch) -> tuple[torch.Tensor, int]:
+        """Last-layer hidden states after the batch's shared prefix, and that prefix's length.
+
+        Every pair opens with the same instruction, and the pairs of one query share the query too. Under
+        causal attention a shared prefix's keys and values do not depend on what follows, so they are
+        computed once (one row) and repeated for the batch; each row then runs only its own tokens. The
+        prefix is shared where the input embeddings, visual tokens included, are equal in every row (and
+        no row pads there), and stops before the earliest answer position. Gradients flow through the
+        repeated cache, so training gets the same saving.
+        """
+        inputs = batch.inputs
+        model = self.backbone.base_model
+        embeds = model.input_embeds(inputs["input_ids"], inputs.get("pixel_values"))  # (B, L, H)
+        mask = inputs["attention_mask"]
+        rows = embeds.shape[0]
+        shared = 0
+        if rows > 1:
+            same = (embeds == embeds[:1]).all(dim=-1).all(dim=0) & mask.bool().all(dim=0)  # (L,)
+            shared = min(int(same.int().cumprod(dim=0).sum()), int(batch.answer_positions.min()))
+        language = model.language_model
+        # Checkpointed layers return no cache while training.
+        checkpointed = self.training and any(
+            getattr(m, "gradient_checkpointing", False) for m in language.modules()
+        )
+        if shared < MIN_SHARED_PREFIX or checkpointed:
+            return language(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state, 0
+        prefix = language(inputs_embeds=embeds[:1, :shared], use_cache=True)
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        cache.batch_repeat_interleave(rows)
+        out = language(
+            inputs_embeds=embeds[:, shared:],
+            attention_mask=mask,
+            use_cache=True,
+            **{_cache_argument(language): cache},
+        )
+        return out.last_hidden_state, shared
 
     def p_yes(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax over the Yes and No logits, the Yes side: (B,) in [0, 1]."""
@@ -315,9 +374,25 @@ class Reranker(nn.Module):
         """P(Yes) per pair, batch by batch in input order."""
         batch_size = batch_size or self.settings.batch_size
         self.eval()
-        for start in range(0, len(pairs), batch_size):
-            batch = self.collator(pairs[start : start + batch_size]).to(self.device)
+        for start, stop in self._batches(pairs, batch_size):
+            batch = self.collator(pairs[start:stop]).to(self.device)
             yield self.p_yes(self(batch)).cpu().numpy()
+
+    def _batches(self, pairs: Sequence[RerankPair], batch_size: int) -> Iterator[tuple[int, int]]:
+        """(start, stop) of each batch, in order: `batch_size` pairs at a time, except that where the
+        backbone shares prefixes a batch also ends where the query changes, so its pairs share the whole
+        query and not only the instruction (a query with a single pair shares a batch with the next)."""
+        start = 0
+        while start < len(pairs):
+            stop = min(start + batch_size, len(pairs))
+            if self.shares_prefix:
+                run = start + 1
+                while run < stop and pairs[run].query == pairs[start].query:
+                    run += 1
+                if run - start > 1:  # a lone pair joins a batch of others, sharing the instruction
+                    stop = run
+            yield start, stop
+            start = stop
 
     def score(self, pairs: Sequence[RerankPair], batch_size: int | None = None) -> np.ndarray:
         """P(Yes) for every pair, (N,) float32."""
