@@ -47,11 +47,11 @@ logger = logging.getLogger("quality")
 
 STAGES = {
     "untrained": "offline",
-    "A1 text": "runs/cpu/01_text/model",
-    "A2 image-text": "runs/cpu/02_image_text/model",
-    "A3 M-BEIR": "runs/cpu/03_mbeir/model",
-    "B hard negatives": "runs/cpu/04_margin/model",
-    "C distilled": "runs/cpu/06_distill/model",
+    "A1 text": "runs/cpu/pipeline/01_text/model",
+    "A2 image-text": "runs/cpu/pipeline/02_image_text/model",
+    "A3 M-BEIR": "runs/cpu/pipeline/03_mbeir/model",
+    "B hard negatives": "runs/cpu/pipeline/04_hard_negatives/model",
+    "C distilled": "runs/cpu/pipeline/06_distill/model",
 }
 TEXT_TASKS = ("scifact", "stsb")
 # (task, metric, column heading) of the markdown table and the plot, in order.

@@ -152,6 +152,64 @@ def test_metrics_count_requests_by_endpoint_and_status(client: TestClient) -> No
     assert 'umarvel_requests_total{endpoint="/search",status="422"}' in text
 
 
+def test_unknown_paths_share_one_metrics_series_and_routes_are_labelled_by_template(
+    client: TestClient,
+) -> None:
+    def unmatched(text: str) -> float:
+        line = next(
+            (x for x in text.splitlines() if 'requests_total{endpoint="unmatched",status="404"}' in x), ""
+        )
+        return float(line.split()[-1]) if line else 0.0
+
+    before = client.get("/metrics").text
+    for number in range(40):
+        client.get(f"/no/such/path/{number}")
+    client.get("/media/red")
+    text = client.get("/metrics").text
+    assert unmatched(text) - unmatched(before) == 40
+    assert "/no/such/path" not in text
+    assert 'endpoint="/media/{did}"' in text
+
+
+def test_a_chunked_body_over_the_limit_is_refused_with_413(index_dir: Path) -> None:
+    small = TestClient(create_app(Service(index_dir, limits=ServeLimits(max_request_bytes=2_000))))
+
+    def chunks():  # no content-length: the body streams in chunks
+        for _ in range(10):
+            yield b"text=" + b"y" * 500
+
+    response = small.post(
+        "/search", content=chunks(), headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status_code == 413 and "exceeds 2000 bytes" in response.json()["detail"]
+
+
+def test_a_stalled_upload_times_out_with_408() -> None:
+    import asyncio
+
+    from umarvel.serve.app import _BodyLimit
+
+    async def app(scope, receive, send):  # reads the whole body, then answers 200
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def stalled_receive():
+        await asyncio.sleep(5)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/search", "headers": []}
+    asyncio.run(_BodyLimit(app, limit=1_000, timeout=0.05)(scope, stalled_receive, send))
+    assert sent[0]["status"] == 408
+    assert b"stalled" in sent[1]["body"]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from umarvel.config.io import ConfigError, apply_override, from_dict, load_config
 from umarvel.config.schema import EmbedderConfig
@@ -25,16 +27,53 @@ from umarvel.config.stages import (
     ServeConfig,
     TuneFusionConfig,
 )
-from umarvel.data.io import InputError
+from umarvel.data.io import InputError, check_writable
+from umarvel.errors import UserError, os_error_message
 from umarvel.pipeline.stages import POOL_SETTINGS
 
-app = typer.Typer(
+
+def _answer_user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The error boundary: a `UserError` (bad input, a bad setting, an output that cannot be written)
+    or an operating-system error about a user's path is printed as `what: what is wrong` and exits 2;
+    anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            _fail(error)
+        except OSError as error:
+            message = os_error_message(error)
+            if message is None:
+                raise
+            _fail(message)
+
+    return run
+
+
+class _App(typer.Typer):
+    """A Typer app whose commands all run inside `_answer_user_errors`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+            register(_answer_user_errors(function))
+            return function
+
+        return decorator
+
+
+app = _App(
     add_completion=False,
     no_args_is_help=True,
     help="Universal multimodal retrieval with multimodal LLMs (the U-MARVEL recipe).",
 )
-console = Console(stderr=True)  # messages and errors
-stdout = Console()  # results: tables, the quickstart's report
+# Messages are printed verbatim (no Rich markup: a path may hold square brackets) and never wrapped, so
+# `file:line` stays on one line in a log or a pipe.
+console = Console(stderr=True, markup=False, soft_wrap=True)  # messages and errors
+stdout = Console(markup=False)  # results: tables, the quickstart's report
 T = TypeVar("T")
 # The small real datasets live beside the project checkout (../shared/data from the repo root).
 DEFAULT_SHARED_DATA = Path(os.environ.get("UMARVEL_SHARED_DATA", "../shared/data"))
@@ -51,7 +90,13 @@ class _MainProcessFilter(logging.Filter):
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    handler = RichHandler(console=console, show_path=False)
+    # A terminal gets Rich's columns; a log file or a pipe gets one plain line a record, never wrapped.
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler.addFilter(_MainProcessFilter())
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
@@ -65,8 +110,8 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
     console.quiet = stdout.quiet = not world().main
 
 
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+def _fail(error: Exception | str) -> NoReturn:
+    console.print(Text.assemble(("error: ", "bold red"), str(error)))
     raise typer.Exit(code=2)
 
 
@@ -112,19 +157,17 @@ def embed(
         _fail(ConfigError(f"--as must be 'query' or 'candidate', got {as_!r}"))
     if instruction is not None and as_ == "candidate":
         _fail(ConfigError("candidates never carry an instruction; use --as query"))
-    try:
-        config = _embedder_config(model, set_)
-        path = embed_file(
-            input,
-            output,
-            config,
-            role=as_,
-            instruction=instruction,  # type: ignore[arg-type]
-            image_root=image_root,
-            progress=progress,
-        )
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    check_writable(output)
+    config = _embedder_config(model, set_)
+    path = embed_file(
+        input,
+        output,
+        config,
+        role=as_,
+        instruction=instruction,  # type: ignore[arg-type]
+        image_root=image_root,
+        progress=progress,
+    )
     import numpy as np
 
     matrix = np.load(path, mmap_mode="r")
@@ -142,10 +185,8 @@ def demo(
     """Offline demo: embed real captions and photos with the offline backbone, show nearest neighbours."""
     from umarvel.pipeline.demo import run_demo
 
-    try:
-        run_demo(shared_data, output_dir, _embedder_config(model, set_), photos=photos, console=stdout)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    check_writable(output_dir, folder=True)
+    run_demo(shared_data, output_dir, _embedder_config(model, set_), photos=photos, console=stdout)
 
 
 @app.command()
@@ -164,18 +205,18 @@ def train(
     from umarvel.pipeline.train import dry_run as run_dry
     from umarvel.pipeline.train import train_stage
 
-    try:
-        config = load_config(recipe, overrides or [])
-        if dry_run:
-            summary = run_dry(config, dry_run_dir / recipe.stem, family=family)
-            console.print(
-                f"dry run of {recipe}: {summary['steps']} steps with {summary['model']} -> "
-                f"{summary['output_dir']}"
-            )
-            return
-        model_dir = train_stage(config)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    config = load_config(recipe, overrides or [])
+    if dry_run:
+        summary = run_dry(config, dry_run_dir / recipe.stem, family=family)
+        console.print(
+            f"dry run of {recipe}: {summary['steps']} steps with {summary['model']} -> "
+            f"{summary['output_dir']}"
+        )
+        for path in summary["stand_ins"]:
+            console.print(f"warning: {path} does not exist; the dry run used a stand-in (a real run fails)")
+        return
+    check_writable(config.output_dir, folder=True)
+    model_dir = train_stage(config)
     console.print(f"stage {config.stage} done: {model_dir}")
 
 
@@ -204,10 +245,8 @@ def index(
         image_root=image_root,
         cache=cache,
     )
-    try:
-        artifact = run_index(config)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    artifact = run_index(config)
     console.print(f"indexed {artifact.extra['size']} candidates into {out} ({factory})")
 
 
@@ -232,19 +271,15 @@ def search(
 ) -> None:
     """Search an index with a text and/or image query; prints ranked dids with scores."""
     from umarvel.pipeline.index import search_index
-    from umarvel.retrieval.index import IndexMismatchError
 
     if text is None and image is None:
         _fail(InputError(None, "give --text, --image or both"))
-    try:
-        overrides: dict[str, Any] = {}
-        for item in set_ or []:
-            apply_override(overrides, item)
-        result = search_index(
-            index_dir, text, image, instruction, k, overrides, reranker, rerank_top, fusion_weight
-        )
-    except (InputError, ConfigError, IndexMismatchError, FileNotFoundError) as error:
-        _fail(error)
+    overrides: dict[str, Any] = {}
+    for item in set_ or []:
+        apply_override(overrides, item)
+    result = search_index(
+        index_dir, text, image, instruction, k, overrides, reranker, rerank_top, fusion_weight
+    )
     table = Table(title=f"top {k}")
     for column in ("rank", "did", "score"):
         table.add_column(column)
@@ -306,14 +341,12 @@ def mine(
         keep_duplicates=keep_duplicates,
         seed=seed,
     )
-    try:
-        artifact = run_mine(config)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    artifact = run_mine(config)
     console.print(f"wrote {artifact.path} and {out / 'audit.json'}")
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate: the M-BEIR table, or existing run files.")
+eval_app = _App(no_args_is_help=True, help="Evaluate: the M-BEIR table, or existing run files.")
 app.add_typer(eval_app, name="eval")
 
 
@@ -356,10 +389,8 @@ def eval_mbeir(
         rerank_top=rerank_top,
         fusion_weight=fusion_weight,
     )
-    try:
-        artifact, scores, reranked = run_eval(config)
-    except (InputError, ConfigError, ValueError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    artifact, scores, reranked = run_eval(config)
     stdout.print(render_table(scores))
     if reranked is not None:
         stdout.print(f"U-MARVEL+ (top {rerank_top} re-ranked, cos + {artifact.extra['weight']} * P(Yes)):")
@@ -386,11 +417,9 @@ def eval_zeroshot(
     from umarvel.evaluation.zeroshot import evaluate_zeroshot, render_zeroshot
     from umarvel.modeling.embedder import Embedder
 
-    try:
-        config = _embedder_config(model, set_)
-        results = evaluate_zeroshot(Embedder.from_config(config), suite, root)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    config = _embedder_config(model, set_)
+    results = evaluate_zeroshot(Embedder.from_config(config), suite, root)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(render_zeroshot(results) + "\n")
@@ -415,6 +444,7 @@ def eval_table(
         if not sep or not (Path(folder) / "results.json").is_file():
             _fail(ConfigError(f"--run {item!r} must be NAME=FOLDER with a results.json in FOLDER"))
         pairs.append((name, Path(folder)))
+    check_writable(out.with_suffix(".md"))
     markdown, table = compare_results(pairs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown + "\n")
@@ -435,10 +465,8 @@ def eval_runs(
     from umarvel.config.manifest import write_manifest
     from umarvel.evaluation.mbeir import render_table, score_runs, write_results
 
-    try:
-        scores = score_runs(root, runs, split, settings=POOL_SETTINGS[pool])
-    except (InputError, KeyError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    scores = score_runs(root, runs, split, settings=POOL_SETTINGS[pool])
     write_results(scores, out, split)
     write_manifest(
         out, "eval runs", {"split": split, "pool": pool}, inputs={"mbeir_root": root, "runs": runs}
@@ -502,12 +530,10 @@ def _run_suite(
     from umarvel.data.io import write_json
     from umarvel.modeling.embedder import Embedder
 
-    try:
-        config = _embedder_config(model, set_)
-        embedder = Embedder.from_config(config)
-        result = evaluate(embedder)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    config = _embedder_config(model, set_)
+    embedder = Embedder.from_config(config)
+    result = evaluate(embedder)
     write_json(out / "results.json", result)
     write_manifest(out, f"eval {name}", config, inputs=inputs, extra={"results": result})
     table = Table(title=f"{name}: {model}")
@@ -531,10 +557,8 @@ def quickstart(
     a table of metrics per stage, a chart, and an index for `umarvel search` / `umarvel serve`."""
     from umarvel.quickstart.run import run_quickstart
 
-    try:
-        run_quickstart(output_dir, "smoke" if smoke else "full", console=stdout)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    check_writable(output_dir, folder=True)
+    run_quickstart(output_dir, "smoke" if smoke else "full", console=stdout)
 
 
 @app.command()
@@ -568,11 +592,8 @@ def serve(
         max_image_mb=max_image_mb,
         settings=set_,
     )
-    try:
-        limits = ServeLimits(max_k=config.max_k, max_image_bytes=int(config.max_image_mb * 1024 * 1024))
-        service = Service(config.index, config.reranker, check_settings(config.settings), limits)
-    except (InputError, ConfigError, FileNotFoundError) as error:
-        _fail(error)
+    limits = ServeLimits(max_k=config.max_k, max_image_bytes=int(config.max_image_mb * 1024 * 1024))
+    service = Service(config.index, config.reranker, check_settings(config.settings), limits)
     console.print(f"serving {index_dir} ({service.index.size} candidates) on http://{host}:{port}/")
     uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="info")
 
@@ -586,11 +607,9 @@ def train_reranker_command(
     from umarvel.config.schema import RerankerRunConfig
     from umarvel.pipeline.rerank import train_reranker
 
-    try:
-        config = load_config(recipe, overrides or [], RerankerRunConfig)
-        model_dir = train_reranker(config)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    config = load_config(recipe, overrides or [], RerankerRunConfig)
+    check_writable(config.output_dir, folder=True)
+    model_dir = train_reranker(config)
     console.print(f"re-ranker {config.stage} done: {model_dir}")
 
 
@@ -636,10 +655,8 @@ def score(
         alpha_task=alpha_task,
         seed=seed,
     )
-    try:
-        artifact = run_score(config)
-    except (InputError, ConfigError, ValueError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    artifact = run_score(config)
     console.print(f"wrote {artifact.path}")
 
 
@@ -675,10 +692,8 @@ def tune_fusion_command(
         grid=grid,
         pool=pool,
     )
-    try:
-        artifact = run_tune_fusion(config)
-    except (InputError, ConfigError, ValueError) as error:
-        _fail(error)
+    check_writable(out, folder=True)
+    artifact = run_tune_fusion(config)
     table = Table(title=f"fusion weight on {split} (mean of local and global averages)")
     table.add_column("w")
     table.add_column("score")
@@ -698,11 +713,9 @@ def pipeline(
     old folder kept aside), half-done ones resume."""
     from umarvel.pipeline.run import run_pipeline
 
-    try:
-        config = load_config(recipe, overrides or [], cls=PipelineConfig)
-        status = run_pipeline(config, from_, until)
-    except (InputError, ConfigError) as error:
-        _fail(error)
+    config = load_config(recipe, overrides or [], cls=PipelineConfig)
+    check_writable(config.output_dir, folder=True)
+    status = run_pipeline(config, from_, until)
     for name, state in status.items():
         console.print(f"{name}: {state}")
 
@@ -715,6 +728,7 @@ def make_mini_mbeir(
     from umarvel.config.manifest import write_manifest
     from umarvel.data.mini_mbeir import build_mini_mbeir
 
+    check_writable(output, folder=True)
     root = build_mini_mbeir(output)
     write_manifest(root, "make-mini-mbeir", {"queries_per_row": 3})
     console.print(f"wrote {root}")
@@ -731,10 +745,8 @@ def make_benchmark(
     from umarvel.config.manifest import write_manifest
     from umarvel.data.convert import benchmark_rows, build_benchmark
 
-    try:
-        root = build_benchmark(shared_data, output, seed=seed, max_queries=max_queries)
-    except InputError as error:
-        _fail(error)
+    check_writable(output, folder=True)
+    root = build_benchmark(shared_data, output, seed=seed, max_queries=max_queries)
     sources = ("flickr8k-800/captions.csv", "coco-mini/captions.csv", "clothing-small", "scifact")
     write_manifest(
         root,

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from umarvel.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DIGEST_FILE = "umarvel_digest.json"
@@ -192,7 +194,7 @@ def content_digest(path: str | Path) -> str:
         return folder_digest(path)
     if path.is_file():
         return file_digest(path)
-    raise FileNotFoundError(f"{path}: no such file or folder")
+    raise UserError(f"{path}: no such file or folder")
 
 
 def record_digests(folder: str | Path) -> str:

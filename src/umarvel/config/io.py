@@ -14,11 +14,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from umarvel.config.schema import RunConfig
+from umarvel.errors import UserError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe or override that does not fit the schema; the message names the key."""
 
 
@@ -141,9 +142,15 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"recipe {path} not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{path}: not UTF-8 (byte {error.start + 1}); save the recipe as UTF-8"
+            ) from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        if loaded is None:
+            raise ConfigError(f"{path}: the recipe is empty (write the keys that differ from the defaults)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
         data = loaded

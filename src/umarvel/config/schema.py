@@ -221,6 +221,10 @@ class TrainConfig:
     distill_infonce_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"max_steps must be a positive number of steps, or -1 for whole epochs, got {self.max_steps}"
+            )
         if self.distill_top < 1 or self.distill_infonce_weight < 0:
             raise ValueError("distill_top must be at least 1 and distill_infonce_weight not negative")
         if self.per_device_batch_size < 1:

@@ -7,6 +7,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from umarvel.data.io import InputError
+
 
 class Modality(str, Enum):
     """Modality of a query or candidate, spelled as M-BEIR spells it."""
@@ -37,6 +39,23 @@ class Modality(str, Enum):
         raise ValueError("an item needs text, an image or a video; this one has none")
 
 
+def check_text(value: object, field: str, where: str | None) -> None:
+    """A text field must be a string (or null) of valid Unicode: JSON can spell a lone surrogate
+    (`"\\ud800"`), which no tokenizer can encode."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InputError(where, f"{field} must be a string or null, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(
+            where,
+            f"{field} holds a lone surrogate ({value[error.start]!r}) at character {error.start + 1}: "
+            "not valid Unicode",
+        ) from None
+
+
 @dataclass(frozen=True)
 class Query:
     """A query: text and/or an image (path relative to `root` or absolute) and an optional instruction."""
@@ -52,6 +71,10 @@ class Query:
     source: str | None = None  # "file:line" the record came from, for error messages
     images: tuple[str | Path, ...] = ()  # earlier images of a multi-image query, before `image`
 
+    def __post_init__(self) -> None:
+        check_text(self.text, "txt", self.source)
+        check_text(self.instruction, "instruction", self.source)
+
     @property
     def modality(self) -> Modality:
         return Modality.infer(self.text, self.image, self.video)
@@ -66,6 +89,9 @@ class Candidate:
     image: str | Path | None = None
     video: str | Path | None = None
     source: str | None = None
+
+    def __post_init__(self) -> None:
+        check_text(self.text, "txt", self.source)
 
     @property
     def modality(self) -> Modality:

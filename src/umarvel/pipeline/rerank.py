@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from umarvel.config.digest import json_digest
-from umarvel.config.io import save_config
+from umarvel.config.io import ConfigError, save_config
 from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import RerankerRunConfig
 from umarvel.data.io import InputError, read_jsonl, write_json, write_jsonl
@@ -50,7 +50,7 @@ def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
     from umarvel.training.trainer import training_arguments
 
     if not config.data.train:
-        raise ValueError("the recipe has no data.train sources")
+        raise ConfigError("the recipe has no data.train sources")
     from umarvel.pipeline.run import claim_run
 
     output_dir = Path(config.output_dir)
@@ -87,7 +87,7 @@ def sample_queries(queries: Sequence[Query], fraction: float, seed: int) -> list
     """A seeded sample of `fraction` of the distinct qids of each task (at least one per task), in
     file order. The same seed and queries give the same sample."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     first: dict[str, Query] = {}
     for query in queries:
         first.setdefault(query.qid, query)
@@ -118,9 +118,9 @@ def parse_alphas(pairs: Sequence[str]) -> dict[int, float]:
         try:
             alphas[int(task)] = float(value)
         except ValueError:
-            raise ValueError(f"per-task alpha {pair!r} is not TASK=ALPHA (e.g. 0=0.5)") from None
+            raise ConfigError(f"per-task alpha {pair!r} is not TASK=ALPHA (e.g. 0=0.5)") from None
         if not 0 <= alphas[int(task)] <= 1:
-            raise ValueError(f"alpha for task {task} must be in [0, 1], got {value}")
+            raise ConfigError(f"alpha for task {task} must be in [0, 1], got {value}")
     return alphas
 
 
@@ -176,7 +176,7 @@ def score_teacher(
     from umarvel.retrieval.encode import encode_corpus
 
     if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     alpha_by_task = dict(alpha_by_task or {})
     root, out_dir = Path(root), Path(out_dir)
     instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv", instruction_choice)  # type: ignore[arg-type]

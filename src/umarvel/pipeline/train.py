@@ -304,8 +304,16 @@ def dry_run(config: RunConfig, output_dir: str | Path, family: str = "qwen2_vl")
     if config.train.deepspeed is not None:
         json.loads(Path(config.train.deepspeed).read_text())  # must exist and parse
     sources = []
+    stand_ins = []
     for i, source in enumerate(config.data.train):
         present = Path(source.path).exists()
+        if not present:
+            stand_ins.append(source.path)
+            logger.warning(
+                "dry run: %s does not exist; a stand-in of the same format is used instead (a real run "
+                "would fail here)",
+                source.path,
+            )
         sources.append(
             dataclasses.replace(source, max_rows=16)
             if present
@@ -331,4 +339,9 @@ def dry_run(config: RunConfig, output_dir: str | Path, family: str = "qwen2_vl")
     )
     train_stage(small, progress=False)
     metrics = json.loads((output_dir / "run" / "metrics.json").read_text())
-    return {"steps": metrics["steps"], "model": model, "output_dir": str(output_dir / "run")}
+    return {
+        "steps": metrics["steps"],
+        "model": model,
+        "output_dir": str(output_dir / "run"),
+        "stand_ins": stand_ins,
+    }

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from umarvel.config.digest import digests_of, file_digest
-from umarvel.data.io import atomic_write
+from umarvel.data.io import OutputLock, atomic_write
 from umarvel.data.records import Candidate, Query
 from umarvel.distributed import barrier, broadcast, each_rank_does, my_share, run_on_main, world
 
@@ -123,9 +123,31 @@ def encode_corpus(
 
     Under torchrun / accelerate launch every rank calls this with the same items: each encodes every
     world-size-th shard, rank 0 assembles the output once all shards are written, and every rank returns
-    the finished output. An error on any rank is raised on every rank.
+    the finished output. An error on any rank is raised on every rank. A second process writing the same
+    output at the same time is refused (InputError; `.<output>.lock`).
     """
     output = Path(output)
+    current = world()
+    # One writer per output: rank 0 of this run holds the lock; a second run fails at once.
+    lock = OutputLock(output)
+    if not broadcast(lock.acquire() if current.main else True):
+        raise lock.refusal()
+    try:
+        return _encode_corpus(embedder, items, output, role, instruction, cache_dir, progress, shard_size)
+    finally:
+        lock.release()
+
+
+def _encode_corpus(
+    embedder: object,
+    items: Sequence[Item],
+    output: Path,
+    role: Role,
+    instruction: str | None,
+    cache_dir: str | Path | None,
+    progress: bool,
+    shard_size: int | None,
+) -> Path:
     fingerprint = embedder.fingerprint  # type: ignore[attr-defined]
     parts = output.with_name(output.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ dimension, embedder fingerprint and settings). Searching with another embedder i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -15,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from umarvel.data.io import atomic_write, write_json
+from umarvel.data.io import InputError, atomic_write, write_json
+from umarvel.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.json", "index.json"
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(UserError):
     """The embedder asked to search differs from the one that built the index."""
 
 
@@ -65,6 +67,28 @@ class Index:
     def size(self) -> int:
         return int(self.index.ntotal)
 
+    @staticmethod
+    def check_factory(factory: str, dim: int, size: int) -> None:
+        """Raise ConfigError unless FAISS can build `factory` at `dim` and train it on `size` vectors (an
+        IVF index needs at least as many vectors as lists): checked before anything is embedded."""
+        import faiss
+
+        from umarvel.config.io import ConfigError
+
+        try:
+            built = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown"
+            raise ConfigError(
+                f"factory {factory!r}: FAISS cannot build it at dimension {dim} ({reason})"
+            ) from None
+        ivf = faiss.try_extract_index_ivf(built)
+        if ivf is not None and size < ivf.nlist:
+            raise ConfigError(
+                f"factory {factory!r} has {ivf.nlist} lists but the pool has {size} candidates: use at most "
+                f"{size} lists (about {max(1, round(size**0.5))} is usual) or Flat"
+            )
+
     def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
         """Append rows; IVF/PQ indexes train on the first batch they are given."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -75,7 +99,9 @@ class Index:
         known = set(self.ids)
         duplicates = [i for i in ids if i in known]
         if duplicates or len(set(ids)) != len(ids):
-            raise ValueError(f"duplicate candidate id {duplicates[0] if duplicates else 'within the batch'}")
+            raise InputError(
+                None, f"duplicate candidate id {duplicates[0] if duplicates else 'within the batch'}"
+            )
         if not self.index.is_trained:
             logger.info("training %s on %d vectors", self.factory, len(vectors))
             self.index.train(vectors)
@@ -118,14 +144,18 @@ class Index:
             )
 
     def save(self, folder: str | Path) -> Path:
+        """Write `index.faiss`, `ids.json` and `index.json`, which records both files' sha256 (checked by
+        `load`)."""
         import faiss
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        serialized = faiss.serialize_index(self.index).tobytes()
+        ids = json.dumps(self.ids).encode("utf-8")
         with atomic_write(folder / INDEX_FILE, "wb") as handle:
-            handle.write(faiss.serialize_index(self.index).tobytes())
-        with atomic_write(folder / IDS_FILE) as handle:
-            json.dump(self.ids, handle)
+            handle.write(serialized)
+        with atomic_write(folder / IDS_FILE, "wb") as handle:
+            handle.write(ids)
         write_json(
             folder / META_FILE,
             {
@@ -135,24 +165,84 @@ class Index:
                 "nprobe": self.nprobe,
                 "size": self.size,
                 "embedder": self.embedder,
+                "sha256": {
+                    INDEX_FILE: hashlib.sha256(serialized).hexdigest(),
+                    IDS_FILE: hashlib.sha256(ids).hexdigest(),
+                },
             },
         )
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> Index:
+        """Open an index folder, verifying each file against the digests `index.json` records and the
+        index against the folder's manifest; a changed, truncated or malformed file raises InputError."""
         import faiss
 
         folder = Path(folder)
         for name in (INDEX_FILE, IDS_FILE, META_FILE):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} is not an index folder: {name} is missing")
-        meta = json.loads((folder / META_FILE).read_text())
+                raise InputError(folder, f"not an index folder: {name} is missing")
+        meta = _read_json_object(folder / META_FILE)
+        missing = [key for key in ("dim", "factory", "embedder", "size") if key not in meta]
+        if missing:
+            raise InputError(folder / META_FILE, f"malformed index record: no {', '.join(missing)}")
+        raw = {name: (folder / name).read_bytes() for name in (INDEX_FILE, IDS_FILE)}
+        recorded = meta.get("sha256")
+        if recorded is None:
+            logger.warning("%s: written before index files carried digests; not verified", folder)
+        else:
+            for name, data in raw.items():
+                if hashlib.sha256(data).hexdigest() != recorded.get(name):
+                    raise InputError(
+                        folder / name,
+                        f"does not match the sha256 recorded in {META_FILE} (changed or corrupted since it "
+                        "was written): rebuild the index with umarvel index",
+                    )
+        _check_manifest(folder, meta)
         index = cls(meta["dim"], meta["factory"], meta["embedder"], meta.get("nprobe", 32))
-        index.index = faiss.deserialize_index(
-            np.frombuffer((folder / INDEX_FILE).read_bytes(), dtype=np.uint8)
-        )
-        index.ids = json.loads((folder / IDS_FILE).read_text())
-        if len(index.ids) != index.size:
-            raise ValueError(f"{folder}: {len(index.ids)} ids for {index.size} vectors")
+        try:
+            index.index = faiss.deserialize_index(np.frombuffer(raw[INDEX_FILE], dtype=np.uint8))
+        except RuntimeError:
+            raise InputError(folder / INDEX_FILE, "FAISS cannot read it (truncated or corrupt)") from None
+        try:
+            index.ids = json.loads(raw[IDS_FILE].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(folder / IDS_FILE, f"malformed JSON ({error})") from None
+        if not isinstance(index.ids, list) or len(index.ids) != index.size or index.size != meta["size"]:
+            count = len(index.ids) if isinstance(index.ids, list) else "no list of"
+            raise InputError(
+                folder / IDS_FILE, f"{count} ids for {index.size} vectors ({meta['size']} in {META_FILE})"
+            )
+        if index.index.d != meta["dim"]:
+            raise InputError(
+                folder / INDEX_FILE, f"dimension {index.index.d}, but {META_FILE} says {meta['dim']}"
+            )
         return index
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"malformed JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise InputError(path, f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_manifest(folder: Path, meta: Mapping[str, Any]) -> None:
+    """The index record and the folder's manifest (written by `umarvel index`) must agree."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return
+    manifest = _read_json_object(path)
+    if manifest.get("command") != "index":
+        return
+    extra = manifest
+    for key in ("factory", "size"):
+        if key in extra and extra[key] != meta[key]:
+            raise InputError(
+                folder / META_FILE,
+                f"{key} is {meta[key]!r} but the folder's manifest.json says {extra[key]!r}",
+            )

@@ -13,8 +13,10 @@ serialised by a lock and run off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import json
 import logging
 import threading
 import time
@@ -26,6 +28,8 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -49,15 +53,19 @@ class ServeLimits:
     max_text_chars: int = 2000
     max_embed_items: int = 32
     max_rerank_top: int = 100
+    body_timeout_s: float = 30.0  # an upload that sends nothing for this long gets 408
 
 
 class _BodyLimit:
-    """ASGI middleware: 413 once a request body exceeds `limit` bytes. A declared length over the limit
-    is refused before reading; a body without one is counted as it streams in."""
+    """ASGI middleware: 413 once a request body exceeds `limit` bytes, 408 when the body stalls for
+    `timeout` seconds. A declared length over the limit is refused before reading; a body without one
+    (chunked) is counted as it streams in. Either way the app sees the client go away, and its own
+    answer is replaced by ours."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -65,21 +73,60 @@ class _BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse({"detail": f"request body exceeds {self.limit} bytes"}, status_code=413)
-            await response(scope, receive, send)
+            await self._refuse(scope, receive, send, 413, f"request body exceeds {self.limit} bytes")
             return
         received = 0
+        refusal: tuple[int, str] | None = None
+        answered = False
 
         async def capped() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, refusal
+            if refusal is not None:
+                return {"type": "http.disconnect"}
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.timeout)
+            except asyncio.TimeoutError:
+                refusal = (408, f"the request body stalled for {self.timeout:g} s")
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise HTTPException(413, f"request body exceeds {self.limit} bytes")
+                    refusal = (413, f"request body exceeds {self.limit} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, capped, send)
+        async def guarded(message: dict) -> None:
+            nonlocal answered
+            if refusal is None:
+                answered = True
+                await send(message)
+
+        try:
+            await self.app(scope, capped, guarded)
+        except Exception:
+            if refusal is None:
+                raise
+        if refusal is not None and not answered:
+            await self._refuse(scope, receive, send, *refusal)
+
+    @staticmethod
+    async def _refuse(scope: dict, receive: Any, send: Any, status: int, detail: str) -> None:
+        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped, so any Python string (a lone surrogate included) can
+    be sent back."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _route(request: Request) -> str:
+    """The metrics label of a request: its route's template (`/media/{did}`), one label for every path
+    no route matched, so unknown URLs cannot grow the number of series."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
 
 
 class EmbedItem(BaseModel):
@@ -189,19 +236,27 @@ def create_app(service: Service) -> FastAPI:
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
-        endpoint = request.url.path if not request.url.path.startswith("/media/") else "/media"
         try:
             response = await call_next(request)
         except Exception:
-            requests.labels(endpoint, "500").inc()
+            requests.labels(_route(request), "500").inc()
             raise
+        endpoint = _route(request)
         latency.labels(endpoint).observe(time.perf_counter() - started)
         requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, error: InputError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=400)
+        return _AsciiJSON({"detail": str(error)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, which may hold a lone surrogate that UTF-8 cannot encode
+        # or an Infinity that JSON cannot spell (both a 500). Where and what is wrong, without the
+        # input, in escaped ASCII JSON.
+        problems = [{k: v for k, v in problem.items() if k != "input"} for problem in error.errors()]
+        return _AsciiJSON({"detail": jsonable_encoder(problems)}, status_code=422)
 
     def image_from_bytes(data: bytes) -> Image.Image:
         if len(data) > limits.max_image_bytes:
@@ -314,5 +369,5 @@ def create_app(service: Service) -> FastAPI:
             raise HTTPException(404, "no image for this candidate")
         return FileResponse(path)
 
-    app.add_middleware(_BodyLimit, limit=limits.max_request_bytes)
+    app.add_middleware(_BodyLimit, limit=limits.max_request_bytes, timeout=limits.body_timeout_s)
     return app
