@@ -158,6 +158,23 @@ CASES = [
         lambda t: t / "neg",
     ),
     Case(
+        "eval runs with an unknown pool",
+        lambda t: [
+            "eval",
+            "runs",
+            "--root",
+            str(t),
+            "--runs",
+            str(t),
+            "--out",
+            str(t / "ev"),
+            "--pool",
+            "bogus",
+        ],
+        r"--pool must be one of local, global, both, got 'bogus'",
+        lambda t: t / "ev",
+    ),
+    Case(
         "square brackets in a path are printed as they are",
         lambda t: _embed(t, t / "br[red]" / "items.jsonl"),
         r"br\[red\][/\\]items\.jsonl: file not found",

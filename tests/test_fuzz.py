@@ -20,6 +20,7 @@ pytestmark = pytest.mark.fuzz
 
 BUDGET = settings(
     max_examples=300,
+    database=None,  # derandomised and nothing written to .hypothesis/
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],

@@ -465,6 +465,8 @@ def eval_runs(
     from umarvel.config.manifest import write_manifest
     from umarvel.evaluation.mbeir import render_table, score_runs, write_results
 
+    if pool not in POOL_SETTINGS:
+        _fail(ConfigError(f"--pool must be one of {', '.join(POOL_SETTINGS)}, got {pool!r}"))
     check_writable(out, folder=True)
     scores = score_runs(root, runs, split, settings=POOL_SETTINGS[pool])
     write_results(scores, out, split)
