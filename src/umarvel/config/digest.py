@@ -201,7 +201,7 @@ def record_digests(folder: str | Path) -> str:
     """Hash a checkpoint folder just written, store `umarvel_digest.json` in it and return its digest.
 
     The files are read back right after they are written, so they come from the page cache."""
-    from umarvel.data.io import write_json
+    from umarvel.files import write_json
 
     folder = Path(folder)
     paths = content_files(folder)

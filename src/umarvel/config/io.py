@@ -161,7 +161,7 @@ def load_config(
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from umarvel.data.io import atomic_write
+    from umarvel.files import atomic_write
 
     with atomic_write(path) as handle:
         yaml.safe_dump(to_dict(config), handle, sort_keys=False)

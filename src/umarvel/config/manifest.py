@@ -13,7 +13,7 @@ from typing import Any
 
 import umarvel
 from umarvel.config.digest import file_digest, folder_digest
-from umarvel.data.io import write_json
+from umarvel.files import write_json
 
 MANIFEST = "manifest.json"
 
