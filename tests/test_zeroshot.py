@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import shared_data_or_skip
+from umarvel.evaluation.metrics import hit_rate, mean_average_precision
 from umarvel.evaluation.zeroshot import (
     SUITES,
     Galleries,
@@ -20,8 +21,6 @@ from umarvel.evaluation.zeroshot import (
     Pairs,
     evaluate_task,
     evaluate_zeroshot,
-    hit_rate,
-    mean_average_precision,
 )
 
 SHADES = [(200, 30, 30), (30, 180, 40), (30, 60, 210), (220, 200, 40), (150, 40, 160), (20, 20, 20)]

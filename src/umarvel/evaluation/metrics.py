@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from umarvel.data.io import InputError
 
 
@@ -111,6 +113,31 @@ def hits_at_k(ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, set[s
     """Per judged query (in `relevant`'s order), 1 when a relevant id is in its top k: the values
     `recall_at_k` averages, kept for confidence intervals."""
     return [int(any(did in relevant[q] for did in ranking[q][:k])) for q in _judged(ranking, relevant)]
+
+
+def hit_rate(scores: np.ndarray, relevant: Sequence[Sequence[int]], k: int) -> float:
+    """`recall_at_k` over a score matrix (rows queries, columns candidates), in percent to 2 places:
+    the share of rows with a relevant column among their top k (ties broken by column order).
+
+    >>> hit_rate(np.array([[0.9, 0.1], [0.2, 0.8]]), [[1], [1]], k=1)
+    50.0
+    """
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    hits = [bool(set(row.tolist()) & set(rel)) for row, rel in zip(top, relevant, strict=True)]
+    return round(100 * float(np.mean(hits)), 2)
+
+
+def mean_average_precision(scores: np.ndarray, relevant: Sequence[Sequence[int]], k: int) -> float:
+    """`map_at_k` over a score matrix, in percent to 2 places, CIRCO's definition (the sum over the top
+    k of precision@i x rel_i, divided by min(k, |relevant|)); rows without a relevant column are left
+    out."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    values = [
+        average_precision_at_k(row.tolist(), set(rel), k)
+        for row, rel in zip(top, relevant, strict=True)
+        if rel
+    ]
+    return round(100 * float(np.mean(values)), 2) if values else 0.0
 
 
 def bootstrap_interval(

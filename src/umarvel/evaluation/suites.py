@@ -16,8 +16,13 @@ from umarvel.data.io import InputError
 from umarvel.data.pairs import read_beir, read_stsb
 from umarvel.data.records import Candidate, Query
 from umarvel.data.sampling import held_split
-from umarvel.evaluation.metrics import mrr_at_k, ndcg_at_k, recall_at_k, recall_fraction_at_k
-from umarvel.evaluation.zeroshot import mean_average_precision
+from umarvel.evaluation.metrics import (
+    mean_average_precision,
+    mrr_at_k,
+    ndcg_at_k,
+    recall_at_k,
+    recall_fraction_at_k,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The zero-shot suite, each benchmark read from its native layout (mbeir-protocol.md section 3).
 
-Four task shapes cover the suite:
+Three task shapes cover the suite:
 - `Matched`: queries against one candidate set with known targets; recall (hit rate) or mAP@k, and, for
   1:1 / 1:n caption sets, the reverse direction from the same score matrix (Flickr30K, COCO, ShareGPT4V,
   Urban-1K, VisDial, multi-round FashionIQ, CIRCO, MSR-VTT, MSVD).
@@ -8,7 +8,8 @@ Four task shapes cover the suite:
 - `Pairs`: an image against its true and its negative caption; accuracy (CC-Neg, SugarCrepe).
 
 `SUITES` maps a suite name to its loader `(root) -> list of tasks`; `evaluate_zeroshot` runs them.
-Recall is the hit rate (a query counts when any relevant candidate is in the top k), in percent.
+Recall is the hit rate (a query counts when any relevant candidate is in the top k), in percent; the
+metrics live in `evaluation/metrics.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.records import Candidate, Query
+from umarvel.evaluation.metrics import hit_rate, mean_average_precision
 
 logger = logging.getLogger(__name__)
 
@@ -433,30 +435,6 @@ SUITES: dict[str, Callable[[Path], list[Task]]] = {
     "msrvtt": load_msrvtt,
     "msvd": load_msvd,
 }
-
-
-# ---- metrics --------------------------------------------------------------------------------------------
-
-
-def hit_rate(scores: np.ndarray, relevant: Sequence[Sequence[int]], k: int) -> float:
-    """Percent of rows with a relevant column among their top k."""
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    hits = [bool(set(row.tolist()) & set(rel)) for row, rel in zip(top, relevant, strict=True)]
-    return round(100 * float(np.mean(hits)), 2)
-
-
-def mean_average_precision(scores: np.ndarray, relevant: Sequence[Sequence[int]], k: int) -> float:
-    """mAP@k in percent, CIRCO's definition: sum over the top k of precision@i x rel_i, / min(k, |gt|)."""
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    values = []
-    for row, rel in zip(top, relevant, strict=True):
-        wanted = set(rel)
-        if not wanted:
-            continue
-        hits = np.array([c in wanted for c in row.tolist()], dtype=float)
-        precision = np.cumsum(hits) / np.arange(1, len(row) + 1)
-        values.append(float((precision * hits).sum() / min(k, len(wanted))))
-    return round(100 * float(np.mean(values)), 2) if values else 0.0
 
 
 def _reverse(relevant: Sequence[Sequence[int]], columns: int) -> list[list[int]]:
