@@ -35,7 +35,7 @@ class UserError(ValueError):
 def os_error_message(error: OSError) -> str | None:
     """`path: what is wrong` for an operating-system error about a user's path, else None (a bug)."""
     if error.errno in _USER_ERRNOS:
-        where = error.filename if error.filename is not None else None
+        where = error.filename
         what = _USER_ERRNOS[error.errno]
         if error.filename2 is not None:
             where = f"{error.filename} -> {error.filename2}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from umarvel.data.io import InputError, atomic_write, read_jsonl
-from umarvel.data.records import Candidate, Modality, Query
+from umarvel.data.records import Candidate, Modality, Query, check_text
 
 DATASETS = (
     "visualnews",
@@ -156,8 +156,7 @@ class Instructions:
 
 def _optional_text(record: dict, field: str, where: str) -> str | None:
     value = record.get(field)
-    if value is not None and not isinstance(value, str):
-        raise InputError(where, f"{field} must be a string or null, got {type(value).__name__}")
+    check_text(value, field, where)
     return value
 
 

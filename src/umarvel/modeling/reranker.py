@@ -354,7 +354,7 @@ class Reranker(nn.Module):
         if shared < MIN_SHARED_PREFIX or checkpointed:
             return language(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state, 0
         prefix = language(inputs_embeds=embeds[:1, :shared], use_cache=True)
-        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
         cache.batch_repeat_interleave(rows)
         out = language(
             inputs_embeds=embeds[:, shared:],

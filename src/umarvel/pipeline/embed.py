@@ -16,7 +16,7 @@ import numpy as np
 from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError, read_jsonl
-from umarvel.data.records import Candidate, Query
+from umarvel.data.records import Candidate, Query, check_text
 from umarvel.distributed import run_on_main
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ def read_items(path: str | Path, role: Role, image_root: str | Path | None = Non
         modality = record.get("modality", record.get("query_modality"))
         if modality is not None and modality not in ("text", "image", "image,text", "text,image", "video"):
             raise InputError(where, f"unsupported modality {modality!r} (text, image, image,text or video)")
-        if text is not None and not isinstance(text, str):
-            raise InputError(where, f"txt must be a string or null, got {type(text).__name__}")
+        check_text(text, "txt", where)
         if image is not None and not isinstance(image, str):
             raise InputError(where, f"img_path must be a string or null, got {type(image).__name__}")
         if (text is None or not text.strip()) and image is None and video is None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from umarvel.config.io import ConfigError
+from umarvel.config.manifest import MANIFEST
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.errors import UserError
 
@@ -72,8 +74,6 @@ class Index:
         """Raise ConfigError unless FAISS can build `factory` at `dim` and train it on `size` vectors (an
         IVF index needs at least as many vectors as lists): checked before anything is embedded."""
         import faiss
-
-        from umarvel.config.io import ConfigError
 
         try:
             built = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -233,16 +233,15 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 def _check_manifest(folder: Path, meta: Mapping[str, Any]) -> None:
     """The index record and the folder's manifest (written by `umarvel index`) must agree."""
-    path = folder / "manifest.json"
+    path = folder / MANIFEST
     if not path.is_file():
         return
     manifest = _read_json_object(path)
     if manifest.get("command") != "index":
         return
-    extra = manifest
     for key in ("factory", "size"):
-        if key in extra and extra[key] != meta[key]:
+        if key in manifest and manifest[key] != meta[key]:
             raise InputError(
                 folder / META_FILE,
-                f"{key} is {meta[key]!r} but the folder's manifest.json says {extra[key]!r}",
+                f"{key} is {meta[key]!r} but the folder's {MANIFEST} says {manifest[key]!r}",
             )

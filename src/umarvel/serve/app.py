@@ -62,7 +62,7 @@ class _BodyLimit:
     (chunked) is counted as it streams in. Either way the app sees the client go away, and its own
     answer is replaced by ours."""
 
-    def __init__(self, app: Any, limit: int, timeout: float = 30.0) -> None:
+    def __init__(self, app: Any, limit: int, timeout: float) -> None:
         self.app = app
         self.limit = limit
         self.timeout = timeout
