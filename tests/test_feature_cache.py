@@ -67,3 +67,13 @@ def test_features_cached_while_encoding_still_train_the_projector(model) -> None
     model.image_features(pixels).sum().backward()
     assert model.calls == [2]
     assert model.projector[0].weight.grad is not None and bool(model.projector[0].weight.grad.abs().sum() > 0)
+
+
+def test_a_trainable_encoder_is_served_from_the_cache_while_no_gradient_is_recorded(model) -> None:
+    for parameter in model.vision_tower.parameters():
+        parameter.requires_grad_(True)  # as loaded from a checkpoint: every parameter trainable
+    pixels = _pixels(2)
+    with torch.inference_mode():  # a re-ranking or encoding run
+        model.image_features(torch.cat([pixels, pixels]))
+        model.image_features(pixels)
+    assert model.calls == [2]

@@ -135,13 +135,15 @@ class ComposedModel(PreTrainedModel):
     def pooled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The image encoder's pooled feature map (n, C, g, g).
 
-        While the encoder is frozen (no trainable parameter, eval mode) its output depends on the pixels
-        alone, so it is computed once per distinct image (keyed by the pixel bytes and the encoder
-        weights' version counters) and reused: a training run sees each photo every epoch, and GradCache
-        runs every item forward twice a step.
+        While the encoder is frozen (eval mode, and no trainable parameter or no gradient being
+        recorded) its output depends on the pixels alone, so it is computed once per distinct image
+        (keyed by the pixel bytes and the encoder weights' version counters) and reused: a training run
+        sees each photo every epoch, GradCache runs every item forward twice a step, and a re-ranking run
+        meets each query's image once per candidate.
         """
         tower = self.vision_tower
-        frozen = not tower.training and not any(p.requires_grad for p in tower.parameters())
+        recording = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+        frozen = not tower.training and not recording
         if not frozen or self.feature_cache_bytes <= 0:
             return self.visual_pool(tower.forward_features(pixel_values))
         cache: OrderedDict = self.__dict__.setdefault("_feature_cache", OrderedDict())  # not in state dict
