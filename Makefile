@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart demo test lint bench clean
+.PHONY: setup quickstart demo test test-slow lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +34,13 @@ quickstart: setup
 demo: setup
 	$(BIN)/umarvel demo --output-dir runs/demo
 
+# Two tiers: `make test` the fast default (pytest leaves out `slow`), `make test-slow` the rest (real
+# backbone, multi-process worlds, compile, browser, quickstart smoke). CI runs both, in that order.
 test: setup
 	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -105,7 +105,7 @@ def _load(model: str, device: torch.device, dtype: str, settings: dict, layers: 
     settings = {"dtype": dtype, **settings}
     if model != "random:qwen2_vl-2b":
         return Embedder.from_pretrained(model, **settings).to(device)
-    from umarvel.modeling.tiny import build_random_qwen2_vl_2b
+    from umarvel.testing.models import build_random_qwen2_vl_2b
 
     torch.manual_seed(0)
     network, processor = build_random_qwen2_vl_2b(device=device, layers=layers)

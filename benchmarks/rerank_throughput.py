@@ -31,7 +31,7 @@ from benchmarks.digest_cost import _cpu_flags, _cpu_name
 
 def _pairs(shared: Path, queries: int, top: int) -> list:
     from umarvel.data.collator import EncodeItem
-    from umarvel.modeling.reranker import RerankPair
+    from umarvel.reranker.data import RerankPair
 
     rows = list(csv.DictReader((shared / "flickr8k-800" / "captions.csv").open(encoding="utf-8")))
     photos = sorted({r["image"] for r in rows})
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from umarvel.modeling.embedder import resolve_dtype
-    from umarvel.modeling.reranker import Reranker
+    from umarvel.reranker.model import Reranker
 
     dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")  # `auto`: bf16 only where native
     pairs = _pairs(args.shared_data, args.queries, args.top)

@@ -75,7 +75,7 @@ def main() -> None:
     from umarvel.config.schema import EmbedderConfig
     from umarvel.pipeline.index import build_index
     from umarvel.serve.app import Service, create_app
-    from umarvel.serve.load import run_load
+    from umarvel.testing.load import run_load
 
     flickr = args.shared_data / "flickr8k-800"
     rows = list(csv.DictReader((flickr / "captions.csv").open(encoding="utf-8")))

@@ -121,10 +121,10 @@ def launcher(name: str) -> list[str]:
 
 def workspace(work: Path) -> Path:
     """The mini M-BEIR tree, mined negatives and the two training recipes, in `work`."""
-    from umarvel.data.mini_mbeir import build_mini_mbeir
     from umarvel.mining.filters import NegativeRules
     from umarvel.mining.mine import mine_negatives
     from umarvel.modeling.embedder import Embedder
+    from umarvel.testing.mbeir import build_mini_mbeir
 
     root = build_mini_mbeir(work / "M-BEIR")
     mine_negatives(

@@ -187,8 +187,8 @@ def test_an_image_is_keyed_by_its_content_not_its_path(tmp_path: Path) -> None:
 
 
 def test_the_pair_score_cache_keeps_another_rerankers_scores_apart(tmp_path: Path) -> None:
-    from umarvel.evaluation.rerank import PairScoreCache, score_pairs
-    from umarvel.modeling.reranker import Reranker
+    from umarvel.reranker.model import Reranker
+    from umarvel.reranker.scoring import PairScoreCache, score_pairs
 
     queries = {"q": Query(qid="q", text="a dog on grass", instruction="Find the caption.")}
     candidates = {c.did: c for c in ITEMS}
@@ -209,7 +209,7 @@ def test_the_pair_score_cache_keeps_another_rerankers_scores_apart(tmp_path: Pat
 
 
 def test_a_tuned_fusion_weight_does_not_change_the_rerankers_digest(tmp_path: Path) -> None:
-    from umarvel.modeling.reranker import Reranker, store_fusion
+    from umarvel.reranker.model import Reranker, store_fusion
 
     Reranker.from_pretrained("tiny:qwen2_vl").save_pretrained(tmp_path / "r")
     before = Reranker.from_pretrained(str(tmp_path / "r")).fingerprint

@@ -217,6 +217,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # each case is a CLI subprocess (about 4 s)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_exits_2_with_one_line_naming_what_is_wrong(case: Case, tmp_path: Path) -> None:
     result = _run(case.build(tmp_path))

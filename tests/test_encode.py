@@ -85,6 +85,7 @@ def test_a_finished_output_is_reused_only_for_the_same_items_and_embedder(
     assert candidate_encodes[0] == len(ITEMS)  # the one shard holding the changed item was redone
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_encoding_matches_eager_and_adds_nothing_to_the_state_dict() -> None:
     eager = Embedder.from_pretrained("tiny:qwen2_vl")
     compiled = eager.with_settings(compile=True)

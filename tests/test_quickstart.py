@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from umarvel.quickstart.benchmark import build_quickstart_benchmark, shipped_data
 
 
@@ -32,6 +34,7 @@ def test_the_benchmark_has_three_rows_with_positives_in_their_pools(tmp_path: Pa
         assert queries and all(set(q["pos_cand_list"]) <= pool for q in queries)
 
 
+@pytest.mark.slow
 def test_a_smoke_quickstart_runs_every_stage_and_leaves_a_searchable_index(tmp_path: Path) -> None:
     from umarvel.pipeline.index import search_index
     from umarvel.quickstart.run import run_quickstart

@@ -13,7 +13,8 @@ from PIL import Image
 
 from umarvel.data.collator import EncodeItem
 from umarvel.losses.distillation import distillation_kl
-from umarvel.modeling.reranker import Reranker, RerankPair
+from umarvel.reranker.data import RerankPair
+from umarvel.reranker.model import Reranker
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_a_save_and_load_round_trip_keeps_the_scores(reranker: Reranker, tmp_pat
 
 
 def test_fusion_with_weight_zero_reproduces_the_retriever_ranking() -> None:
-    from umarvel.evaluation.rerank import fuse
+    from umarvel.reranker.scoring import fuse
 
     ranked = [("a", 0.9), ("b", 0.8), ("c", 0.8), ("d", 0.1)]
     p_yes = {"a": 0.0, "b": 1.0, "c": 0.5, "d": 1.0}
@@ -99,7 +100,7 @@ def test_fusion_with_weight_zero_reproduces_the_retriever_ranking() -> None:
 
 def test_rows_whose_recall_re_ranking_cannot_change_are_named() -> None:
     from umarvel.data.mbeir import Row
-    from umarvel.evaluation.rerank import blind_rows
+    from umarvel.reranker.scoring import blind_rows
 
     rows = [Row("mscoco", 0, 5), Row("fashioniq", 7, 10)]
     assert blind_rows(rows, 3) == rows
@@ -109,7 +110,7 @@ def test_rows_whose_recall_re_ranking_cannot_change_are_named() -> None:
 
 def test_the_sample_is_stratified_seeded_and_covers_every_task() -> None:
     from umarvel.data.records import Query
-    from umarvel.pipeline.rerank import sample_queries
+    from umarvel.reranker.teacher import sample_queries
 
     queries = [Query(qid=f"{t}:{i}", text="x", task_id=t) for t in (0, 3) for i in range(40)]
     queries += [Query(qid="5:0", text="x", task_id=5), Query(qid="0:1", text="x", task_id=0)]  # a duplicate
@@ -125,11 +126,12 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Mine -> train R1 (2 steps) -> score the teacher, on the mini M-BEIR with tiny models."""
     from umarvel.config.io import load_config
     from umarvel.config.schema import RerankerRunConfig
-    from umarvel.data.mini_mbeir import build_mini_mbeir
     from umarvel.mining.filters import NegativeRules
     from umarvel.mining.mine import mine_negatives
     from umarvel.modeling.embedder import Embedder
-    from umarvel.pipeline.rerank import score_teacher, train_reranker
+    from umarvel.pipeline.train import train_reranker
+    from umarvel.reranker.teacher import score_teacher
+    from umarvel.testing.mbeir import build_mini_mbeir
 
     work = tmp_path_factory.mktemp("rerank")
     root = build_mini_mbeir(work / "M-BEIR")
@@ -177,7 +179,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_the_teacher_file_covers_exactly_the_sampled_queries(chain: dict[str, Path]) -> None:
     from umarvel.data.mbeir import Instructions, read_queries
-    from umarvel.pipeline.rerank import sample_queries
+    from umarvel.reranker.teacher import sample_queries
 
     root = chain["root"]
     queries = read_queries(
@@ -213,7 +215,7 @@ def test_the_shortlist_stays_inside_the_query_dataset_and_candidate_modality(cha
 
 def test_a_rerun_of_score_reuses_the_finished_parts(chain: dict[str, Path], monkeypatch) -> None:
     from umarvel.modeling.embedder import Embedder
-    from umarvel.pipeline.rerank import score_teacher
+    from umarvel.reranker.teacher import score_teacher
 
     ranker = Reranker.from_pretrained(str(chain["r1"]))
     before = chain["teacher"].read_text()
@@ -279,8 +281,8 @@ def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs
     chain: dict[str, Path], tmp_path: Path
 ) -> None:
     from umarvel.evaluation.mbeir import evaluate_mbeir
-    from umarvel.evaluation.rerank import rerank_runs, tune_fusion
     from umarvel.modeling.embedder import Embedder
+    from umarvel.reranker.scoring import rerank_runs, tune_fusion
 
     root = chain["root"]
     ranker = Reranker.from_pretrained(str(chain["r1"]))
@@ -373,11 +375,11 @@ def test_the_cli_tunes_on_val_stores_the_weight_and_eval_uses_it(
 
 
 def _frames_and_images(tmp_path: Path) -> tuple[EncodeItem, EncodeItem]:
-    """A FashionIQ-style query with two earlier images, and a video candidate, through `encode_item`."""
+    """A FashionIQ-style query with two earlier images, and a video candidate, through `to_item`."""
     pytest.importorskip("av")
+    from umarvel.data.inputs import MediaSettings, to_item
     from umarvel.data.records import Candidate, Query
-    from umarvel.data.training import encode_item
-    from umarvel.data.video import write_test_video
+    from umarvel.testing.media import write_test_video
 
     paths = []
     for i, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
@@ -387,8 +389,8 @@ def _frames_and_images(tmp_path: Path) -> tuple[EncodeItem, EncodeItem]:
     clip = write_test_video(tmp_path / "clip.mp4", [(220, 20, 20)] * 8, fps=4)
     pixels = 300 * 28 * 28
     return (
-        encode_item(query, pixels, with_instruction=True),
-        encode_item(Candidate(did="v", video=clip), pixels, with_instruction=False, video_frames=4),
+        to_item(query, MediaSettings(pixels)),
+        to_item(Candidate(did="v", video=clip), MediaSettings(pixels, video_frames=4)),
     )
 
 
@@ -422,7 +424,7 @@ def test_a_rerun_of_score_with_another_reranker_scores_every_part_again(
     chain: dict[str, Path], tmp_path: Path
 ) -> None:
     from umarvel.modeling.embedder import Embedder
-    from umarvel.pipeline.rerank import score_teacher
+    from umarvel.reranker.teacher import score_teacher
 
     out = tmp_path / "teacher"
     shutil.copytree(chain["work"] / "teacher", out)

@@ -236,7 +236,7 @@ def live_server(service: Service) -> str:
 
 
 def test_fifty_concurrent_clients_get_answers_and_no_errors(live_server: str) -> None:
-    from umarvel.serve.load import run_load
+    from umarvel.testing.load import run_load
 
     report = asyncio.run(run_load(live_server, clients=50, requests_per_client=2, timeout=60))
     assert report["errors"] == 0 and report["requests"] == 100
@@ -249,6 +249,7 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium and chromium-driver (apt)")
 def test_the_page_searches_by_text_and_by_image_in_headless_chromium(
     live_server: str, tmp_path: Path

@@ -286,31 +286,32 @@ def test_rerunning_a_finished_stage_takes_no_extra_step(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
 
 
-def test_encode_item_keeps_the_earlier_images_of_a_multi_round_query_in_order(tmp_path: Path) -> None:
-    from umarvel.data.training import encode_item
+def test_to_item_keeps_the_earlier_images_of_a_multi_round_query_in_order(tmp_path: Path) -> None:
+    from umarvel.data.inputs import MediaSettings, to_item
 
     paths = []
     for i, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
         paths.append(tmp_path / f"{i}.png")
         Image.new("RGB", (16, 12), colour).save(paths[-1])
     query = Query(qid="q", text="now make it blue", image=paths[2], images=(paths[0], paths[1]))
-    item = encode_item(query, 300 * 28 * 28, with_instruction=True)
+    item = to_item(query, MediaSettings(300 * 28 * 28))
     assert [im.getpixel((0, 0)) for im in item.images] == [(200, 0, 0), (0, 200, 0)]
     assert item.image is not None and item.image.getpixel((0, 0)) == (0, 0, 200)
 
 
-def test_encode_item_samples_a_video_with_the_callers_frame_settings(tmp_path: Path) -> None:
+def test_to_item_samples_a_video_with_the_callers_frame_settings(tmp_path: Path) -> None:
     pytest.importorskip("av")
     from umarvel.config.schema import EmbedderConfig
-    from umarvel.data.training import encode_item
-    from umarvel.data.video import load_video, write_test_video
+    from umarvel.data.inputs import MediaSettings, to_item
+    from umarvel.data.video import load_video
+    from umarvel.testing.media import write_test_video
 
     clip = write_test_video(tmp_path / "clip.mp4", [(220, 20, 20)] * 12, fps=4)  # 3 s at 4 fps
     candidate = Candidate(did="v", video=clip)
     pixels = EmbedderConfig().max_image_pixels
-    default = encode_item(candidate, pixels, with_instruction=False)
+    default = to_item(candidate, MediaSettings(pixels))
     assert default.video is not None and len(default.video) == 6  # 2 fps x 3 s, EmbedderConfig defaults
-    fixed = encode_item(candidate, pixels, with_instruction=False, video_frames=4)
+    fixed = to_item(candidate, MediaSettings(pixels, video_frames=4))
     expected = load_video(clip, nframes=4, max_pixels=pixels)
     assert [f.tobytes() for f in fixed.video] == [f.tobytes() for f in expected]
 

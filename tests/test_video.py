@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("av")
 
-from umarvel.data.video import frame_count, frame_indices, frame_pixel_budget, load_video, write_test_video
+from umarvel.data.video import frame_count, frame_indices, frame_pixel_budget, load_video
+from umarvel.testing.media import write_test_video
 
 RED, BLUE = (220, 20, 20), (20, 40, 230)
 

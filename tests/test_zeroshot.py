@@ -188,7 +188,7 @@ def _sugarcrepe(root: Path) -> None:
 
 
 def _msrvtt(root: Path) -> None:
-    from umarvel.data.video import write_test_video
+    from umarvel.testing.media import write_test_video
 
     folder = root / "msrvtt"
     (folder / "annotations").mkdir(parents=True)
@@ -202,7 +202,7 @@ def _msrvtt(root: Path) -> None:
 
 
 def _msvd(root: Path) -> None:
-    from umarvel.data.video import write_test_video
+    from umarvel.testing.media import write_test_video
 
     folder = root / "MSVD"
     (folder / "YouTubeClips").mkdir(parents=True)

@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 # name -> the module that defines it
 _PUBLIC = {
     "Embedder": "umarvel.modeling.embedder",
-    "Reranker": "umarvel.modeling.reranker",
+    "Reranker": "umarvel.reranker.model",
     "Query": "umarvel.data.records",
     "Candidate": "umarvel.data.records",
     "EmbedderConfig": "umarvel.config.schema",

@@ -607,7 +607,7 @@ def train_reranker_command(
 ) -> None:
     """Train the pointwise Yes/No re-ranker (resumes from its newest checkpoint when rerun)."""
     from umarvel.config.schema import RerankerRunConfig
-    from umarvel.pipeline.rerank import train_reranker
+    from umarvel.pipeline.train import train_reranker
 
     config = load_config(recipe, overrides or [], RerankerRunConfig)
     check_writable(config.output_dir, folder=True)
@@ -728,7 +728,7 @@ def make_mini_mbeir(
 ) -> None:
     """Write the deterministic mini M-BEIR test fixture (all 16 rows, tiny images)."""
     from umarvel.config.manifest import write_manifest
-    from umarvel.data.mini_mbeir import build_mini_mbeir
+    from umarvel.testing.mbeir import build_mini_mbeir
 
     check_writable(output, folder=True)
     root = build_mini_mbeir(output)

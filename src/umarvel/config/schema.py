@@ -256,7 +256,7 @@ class RerankerConfig:
     batch_size: pairs per forward pass when scoring.
     share_prefix: run the prompt prefix a batch's pairs share (the instruction, and the query where they
         are one query's) once, then each pair's own tokens; the composed backbone only, same P(Yes) up
-        to rounding (`modeling/reranker.py`). Off: every pair in full.
+        to rounding (`reranker/model.py`). Off: every pair in full.
     system_prompt: keep the chat template's default system turn, as for the embedder (`auto`: left out
         for the composed backbone only).
     video_frames / video_fps / video_max_frames: how videos are sampled, as for the embedder.

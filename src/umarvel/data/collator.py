@@ -68,6 +68,10 @@ class EncodeItem:
     video: tuple[Image.Image, ...] | None = None  # sampled frames, in time order
     images: tuple[Image.Image, ...] = ()  # earlier images of a multi-image query, before `image`
 
+    @property
+    def has_media(self) -> bool:
+        return self.image is not None or bool(self.video) or bool(self.images)
+
 
 @dataclass
 class EncodedBatch:
@@ -83,17 +87,18 @@ class EncodedBatch:
         )
 
 
-class Collator:
-    """Builds backbone inputs for a list of `EncodeItem`s.
+class ChatCollator:
+    """What the embedder's and the re-ranker's collators share: texts composed and cut the same way,
+    media in the same placeholder order, one chat turn rendered with the backbone's template, and the
+    processor's image and video arguments.
 
     Args:
         processor: the backbone's processor (a transformers processor or `ComposedProcessor`).
         nested_images: the processor wants one image list per sample (Idefics3 / SmolVLM).
+        max_text_tokens: an item's text (instruction included) is cut to this many tokens.
+        format_text: apply M-BEIR's `format_string` to texts.
         native_video: the processor takes videos (Qwen-VL); otherwise a video enters as its frames,
             one image placeholder each.
-        mask_instruction: leave the instruction span out of the pooling mask.
-        max_text_tokens: the item text (instruction included) is cut to this many tokens.
-        format_text: apply M-BEIR's `format_string` to texts.
         system_prompt: keep the chat template's default system turn; False renders the item's turn alone.
     """
 
@@ -101,7 +106,6 @@ class Collator:
         self,
         processor: Any,
         nested_images: bool = False,
-        mask_instruction: bool = True,
         max_text_tokens: int = 480,
         format_text: bool = True,
         native_video: bool = False,
@@ -111,26 +115,20 @@ class Collator:
         self.tokenizer = processor.tokenizer
         self.nested_images = nested_images
         self.native_video = native_video
-        self.mask_instruction = mask_instruction
         self.max_text_tokens = max_text_tokens
         self.format_text = format_text
         self.system_prompt = system_prompt
 
-    def compose_text(self, item: EncodeItem) -> tuple[str, int]:
-        """The item's text and the number of leading characters that belong to the instruction."""
+    def joined_text(self, item: EncodeItem, with_instruction: bool = True) -> tuple[str, int]:
+        """`format_string(f"{instruction} {text}")`, cut to `max_text_tokens`, and the number of leading
+        characters that belong to the instruction."""
         text = (item.text or "").strip()
-        instruction = (item.instruction or "").strip()
-        if not text and item.image is None and not item.video and not item.images:
-            raise InputError(
-                item.where,
-                "empty item: no text and no image (an instruction alone is not something to retrieve with)",
-            )
+        instruction = (item.instruction or "").strip() if with_instruction else ""
         joined = f"{instruction} {text}".strip() if instruction else text
-        if self.format_text:
+        if self.format_text and joined:
             joined = format_string(joined)
         joined = self._truncate(joined)
-        instruction_chars = min(len(instruction), len(joined)) if instruction else 0
-        return joined, instruction_chars
+        return joined, min(len(instruction), len(joined)) if instruction else 0
 
     def _truncate(self, text: str) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -138,17 +136,69 @@ class Collator:
             return text
         return self.tokenizer.decode(ids[: self.max_text_tokens])
 
-    def render(self, item: EncodeItem) -> tuple[str, tuple[int, int] | None]:
-        """Chat-template text for one item, and the instruction span counted from the string's end."""
-        text, instruction_chars = self.compose_text(item)
+    def media_content(self, item: EncodeItem) -> list[dict[str, str]]:
+        """The item's media placeholders in order: the video (or its frames), earlier images, the image."""
         content: list[dict[str, str]] = []
         if item.video:
             content.extend(
                 [{"type": "video"}] if self.native_video else [{"type": "image"}] * len(item.video)
             )
-        content.extend([{"type": "image"}] * len(item.images))
-        if item.image is not None:
-            content.append({"type": "image"})
+        content.extend([{"type": "image"}] * (len(item.images) + (item.image is not None)))
+        return content
+
+    def _images(self, item: EncodeItem) -> list[Image.Image]:
+        """The item's images in placeholder order: video frames (when not native) come first."""
+        frames = list(item.video) if item.video and not self.native_video else []
+        return frames + list(item.images) + ([item.image] if item.image is not None else [])
+
+    def _apply_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        return apply_template(
+            self.processor,
+            messages,
+            system_prompt=self.system_prompt,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def media_arguments(self, groups: Sequence[Sequence[EncodeItem]]) -> dict[str, Any]:
+        """The processor's `images` / `videos` arguments for rows made of these items (one group per row)."""
+        kwargs: dict[str, Any] = {}
+        per_row = [[image for item in group for image in self._images(item)] for group in groups]
+        if any(per_row):
+            kwargs["images"] = per_row if self.nested_images else [im for ims in per_row for im in ims]
+        videos = [list(i.video) for group in groups for i in group if i.video and self.native_video]
+        if videos:
+            kwargs["videos"] = videos
+            kwargs["do_sample_frames"] = False  # frames are already sampled (data/video.py)
+        return kwargs
+
+
+class Collator(ChatCollator):
+    """Builds the embedder's backbone inputs for a list of `EncodeItem`s (see `ChatCollator` for the
+    shared arguments).
+
+    Args:
+        mask_instruction: leave the instruction span out of the pooling mask.
+    """
+
+    def __init__(
+        self, processor: Any, nested_images: bool = False, mask_instruction: bool = True, **shared: Any
+    ) -> None:
+        super().__init__(processor, nested_images, **shared)
+        self.mask_instruction = mask_instruction
+
+    def compose_text(self, item: EncodeItem) -> tuple[str, int]:
+        """The item's text and the number of leading characters that belong to the instruction."""
+        if not (item.text or "").strip() and not item.has_media:
+            raise InputError(
+                item.where,
+                "empty item: no text and no image (an instruction alone is not something to retrieve with)",
+            )
+        return self.joined_text(item)
+
+    def render(self, item: EncodeItem) -> tuple[str, tuple[int, int] | None]:
+        """Chat-template text for one item, and the instruction span counted from the string's end."""
+        text, instruction_chars = self.compose_text(item)
+        content = self.media_content(item)
         if text:
             content.append({"type": "text", "text": text})
         rendered = self._apply_template([{"role": "user", "content": content}])
@@ -161,19 +211,9 @@ class Collator:
         # come before the text.
         return rendered, (len(rendered) - start, len(rendered) - start - instruction_chars)
 
-    def _apply_template(self, messages: list[dict[str, Any]]) -> str:
-        return apply_template(self.processor, messages, system_prompt=self.system_prompt)
-
     def __call__(self, items: Sequence[EncodeItem]) -> EncodedBatch:
         rendered, spans = zip(*(self.render(item) for item in items), strict=True)
-        per_item = [self._images(item) for item in items]
-        kwargs: dict[str, Any] = {}
-        if any(per_item):
-            kwargs["images"] = per_item if self.nested_images else [im for ims in per_item for im in ims]
-        videos = [list(item.video) for item in items if item.video and self.native_video]
-        if videos:
-            kwargs["videos"] = videos
-            kwargs["do_sample_frames"] = False  # frames are already sampled (data/video.py)
+        kwargs = self.media_arguments([[item] for item in items])
         encoding = self.processor(
             text=list(rendered), padding=True, return_tensors="pt", return_offsets_mapping=True, **kwargs
         )
@@ -183,11 +223,6 @@ class Collator:
         if self.mask_instruction:
             pooling_mask &= ~self._instruction_mask(offsets, attention, spans)
         return EncodedBatch(dict(encoding), pooling_mask)
-
-    def _images(self, item: EncodeItem) -> list[Image.Image]:
-        """The item's images in placeholder order: video frames (when not native) come first."""
-        frames = list(item.video) if item.video and not self.native_video else []
-        return frames + list(item.images) + ([item.image] if item.image is not None else [])
 
     @staticmethod
     def _instruction_mask(

@@ -104,12 +104,12 @@ ROW_NOTES = {
 QUESTIONS = ("What is happening in this photo?", "What does this picture show?", "Describe the scene.")
 
 
-def _bucket(name: str, salt: str, n: int) -> int:
+def bucket(name: str, salt: str, n: int) -> int:
     return stable_hash(salt, name) % n
 
 
 @dataclass
-class _Bench:
+class Bench:
     root: Path
     queries: dict[tuple[Row, str], list[dict]] = field(default_factory=lambda: defaultdict(list))
     pools: dict[tuple[Row, str], list[dict]] = field(default_factory=lambda: defaultdict(list))
@@ -142,7 +142,7 @@ class _Bench:
         )
 
 
-def _link_images(root: Path, dataset: str, name: str, source: Path) -> str:
+def link_images(root: Path, dataset: str, name: str, source: Path) -> str:
     """Expose `source` under mbeir_images/<dataset>_images/<name> (a symlink) and return that prefix."""
     link = root / "mbeir_images" / f"{dataset}_images" / name
     link.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def build_benchmark(
     """
     shared, root = Path(shared_data), Path(output)
     rng = random.Random(seed)
-    bench = _Bench(root)
+    bench = Bench(root)
     rows = {key: Row(key[0], key[1], 5) for key in INSTRUCTIONS}
 
     flickr = _read_captions(shared / "flickr8k-800" / "captions.csv")
@@ -194,11 +194,11 @@ def build_benchmark(
     # Every photo serves exactly one row family, so the global pool has no duplicate content.
     groups: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)
     for name, texts in photos:
-        family = "mscoco" if name.startswith("coco/") else ("mscoco", "edis", "oven")[_bucket(name, "row", 3)]
+        family = "mscoco" if name.startswith("coco/") else ("mscoco", "edis", "oven")[bucket(name, "row", 3)]
         groups[family].append((name, texts))
     for family in ("mscoco", "edis", "oven"):
-        _link_images(root, family, "flickr", shared / "flickr8k-800" / "images")
-    _link_images(root, "mscoco", "coco", shared / "coco-mini" / "images")
+        link_images(root, family, "flickr", shared / "flickr8k-800" / "images")
+    link_images(root, "mscoco", "coco", shared / "coco-mini" / "images")
 
     for name, texts in groups["mscoco"]:
         split, image = held_split(name), f"mbeir_images/mscoco_images/{name}"
@@ -219,11 +219,11 @@ def build_benchmark(
 
     _scifact(shared / "scifact", bench, rows[("webqa", 1)], rng, scifact_distractors)
     _clothing(shared / "clothing-small", bench, rows[("nights", 4)], rows[("fashioniq", 7)], rng)
-    _write(bench, rows, max_queries, rng)
+    write_benchmark(bench, rows, max_queries, rng)
     return root
 
 
-def _scifact(folder: Path, bench: _Bench, row: Row, rng: random.Random, distractors: int) -> None:
+def _scifact(folder: Path, bench: Bench, row: Row, rng: random.Random, distractors: int) -> None:
     from umarvel.data.pairs import read_beir
 
     corpus = {}
@@ -238,7 +238,7 @@ def _scifact(folder: Path, bench: _Bench, row: Row, rng: random.Random, distract
         for query in data.queries:
             # BEIR test -> our test; BEIR train queries -> our train and val.
             split = (
-                "test" if beir_split == "test" else ("val" if _bucket(query.qid, "sf", 10) == 0 else "train")
+                "test" if beir_split == "test" else ("val" if bucket(query.qid, "sf", 10) == 0 else "train")
             )
             relevant = [d for d, score in data.qrels[query.qid].items() if score > 0 and d in corpus]
             if not relevant:
@@ -248,7 +248,7 @@ def _scifact(folder: Path, bench: _Bench, row: Row, rng: random.Random, distract
             bench.query(row, split, query.text, None, dids)
     spare = sorted(set(corpus) - used)
     for doc in rng.sample(spare, min(distractors, len(spare))):
-        bench.candidate(row, ("test", "val", "train")[_bucket(doc, "sfd", 3)], _cut(corpus[doc]), None)
+        bench.candidate(row, ("test", "val", "train")[bucket(doc, "sfd", 3)], _cut(corpus[doc]), None)
 
 
 def _cut(text: str, words: int = 120) -> str:
@@ -256,16 +256,16 @@ def _cut(text: str, words: int = 120) -> str:
     return " ".join(parts[:words])
 
 
-def _clothing(folder: Path, bench: _Bench, same: Row, modify: Row, rng: random.Random) -> None:
+def _clothing(folder: Path, bench: Bench, same: Row, modify: Row, rng: random.Random) -> None:
     if not folder.is_dir():
         raise InputError(folder, "clothing-small folder not found")
-    prefixes = {d: _link_images(bench.root, d, "clothing", folder) for d in ("nights", "fashioniq")}
+    prefixes = {d: link_images(bench.root, d, "clothing", folder) for d in ("nights", "fashioniq")}
     by_class: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     source_split = {"train": "train", "validation": "val", "test": "test"}
     for sub, split in source_split.items():
         for cls in CLOTHING_CLASSES:
             for path in sorted((folder / sub / cls).glob("*.jpg")):
-                row_name = ("nights", "fashioniq")[_bucket(path.name, "cl", 2)]
+                row_name = ("nights", "fashioniq")[bucket(path.name, "cl", 2)]
                 by_class[(row_name, split, cls)].append(f"{sub}/{cls}/{path.name}")
     for split in SPLITS:
         # nights_task4: half of each class are queries, the other half the pool; positives = same class.
@@ -299,8 +299,8 @@ def _clothing(folder: Path, bench: _Bench, same: Row, modify: Row, rng: random.R
             bench.query(modify, split, text, f"{prefixes['fashioniq']}/{image}", targets[target])
 
 
-def _write(
-    bench: _Bench,
+def write_benchmark(
+    bench: Bench,
     rows: dict[tuple[str, int], Row],
     max_queries: int,
     rng: random.Random,
@@ -359,7 +359,7 @@ def _write(
 
 def _write_readme(
     root: Path,
-    bench: _Bench,
+    bench: Bench,
     rows: dict[tuple[str, int], Row],
     readme: tuple[str, dict[tuple[str, int], str], str] | None = None,
 ) -> None:

@@ -16,9 +16,9 @@ from torch.utils.data import Dataset
 
 from umarvel.config.schema import DataSource, EmbedderConfig
 from umarvel.data.collator import EncodeItem
+from umarvel.data.inputs import MediaSettings, to_item
 from umarvel.data.io import InputError
 from umarvel.data.mbeir import Instructions, read_pool, read_queries
-from umarvel.data.media import load_image
 from umarvel.data.pairs import (
     read_beir,
     read_image_captions,
@@ -188,61 +188,6 @@ def _mined_negatives(path: Path, queries: Sequence[Query]) -> list[list[str]]:
     return mined
 
 
-def encode_item(
-    record: Query | Candidate,
-    max_pixels: int,
-    with_instruction: bool,
-    *,
-    video_frames: int = VIDEO_FRAMES,
-    video_fps: float = VIDEO_FPS,
-    video_max_frames: int = VIDEO_MAX_FRAMES,
-) -> EncodeItem:
-    """A record as an `EncodeItem` with its media loaded, as `Embedder.to_item` loads it: the image, a
-    query's earlier images (multi-round FashionIQ) in order, and a video's frames sampled with
-    `video_frames` / `video_fps` / `video_max_frames` (the `EmbedderConfig` fields of those names).
-
-    with_instruction: keep a query's instruction (candidates never carry one).
-    """
-    where = record.source
-    image = load_image(record.image, max_pixels, where=where) if record.image is not None else None
-    instruction = record.instruction if with_instruction and isinstance(record, Query) else None
-    earlier = (
-        tuple(load_image(path, max_pixels, where=where) for path in record.images)
-        if isinstance(record, Query)
-        else ()
-    )
-    frames = None
-    if record.video is not None:
-        from umarvel.data.video import load_video
-
-        frames = tuple(
-            load_video(
-                record.video,
-                nframes=video_frames,
-                fps=video_fps,
-                max_frames=video_max_frames,
-                max_pixels=max_pixels,
-                where=where,
-            )
-        )
-    return EncodeItem(
-        text=record.text, image=image, instruction=instruction, where=where, video=frames, images=earlier
-    )
-
-
-def encode_record(record: Query | Candidate, settings: Any, with_instruction: bool) -> EncodeItem:
-    """`encode_item` with the image budget and video sampling of `settings` (an embedder's or a
-    re-ranker's config)."""
-    return encode_item(
-        record,
-        settings.max_image_pixels,
-        with_instruction,
-        video_frames=settings.video_frames,
-        video_fps=settings.video_fps,
-        video_max_frames=settings.video_max_frames,
-    )
-
-
 # At most this many labelled positives per query are masked as in-batch false negatives (queries with
 # class-level relevance can have hundreds; the first ones are enough to show the rule and bound memory).
 MAX_RELEVANT = 64
@@ -277,14 +222,9 @@ class TrainingSet(Dataset):
         self.rows = list(rows)
         self.seed = seed
         self.hard_negatives = hard_negatives
-        self.max_image_pixels = max_image_pixels
+        self.media = MediaSettings(max_image_pixels, video_frames, video_fps, video_max_frames)
         self.distill_top = distill_top
         self.with_positive = with_positive
-        self.video = {
-            "video_frames": video_frames,
-            "video_fps": video_fps,
-            "video_max_frames": video_max_frames,
-        }
         self.epoch = 0
         # Every item carries the ids of all of its row's labelled positives (padded to one width for the
         # whole set, so batches stack and gather across ranks), for in-batch false-negative masking.
@@ -309,9 +249,7 @@ class TrainingSet(Dataset):
         return len(self.rows)
 
     def _encode(self, record: Query | Candidate) -> EncodeItem:
-        return encode_item(
-            record, self.max_image_pixels, with_instruction=isinstance(record, Query), **self.video
-        )
+        return to_item(record, self.media)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]

@@ -62,7 +62,27 @@ def _texts(items: Sequence[Query | Candidate | str], where: str) -> list[str]:
     return texts
 
 
-class SentenceEncoder:
+class _RecordEncoder:
+    """The embedder's `encode_queries` / `encode_candidates` interface over one `_encode` of records
+    or strings (instructions play no part in a baseline)."""
+
+    def _encode(self, items: Sequence[Query | Candidate | str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_queries(
+        self,
+        queries: Sequence[Query | str],
+        instruction: str | None = None,
+        progress: bool = True,
+        label: str = "queries",
+    ) -> np.ndarray:
+        return self._encode(queries)
+
+    def encode_candidates(self, candidates: Sequence[Candidate | str], progress: bool = True) -> np.ndarray:
+        return self._encode(candidates)
+
+
+class SentenceEncoder(_RecordEncoder):
     """Mean-pooled, L2-normalised sentence embeddings from a BERT-style encoder folder."""
 
     def __init__(self, folder: str | Path, max_tokens: int = 256, batch_size: int = 64) -> None:
@@ -102,17 +122,8 @@ class SentenceEncoder:
             out[chosen] = functional.normalize(pooled, dim=-1).float().numpy()
         return out
 
-    def encode_queries(
-        self,
-        queries: Sequence[Query | str],
-        instruction: str | None = None,
-        progress: bool = True,
-        label: str = "queries",
-    ) -> np.ndarray:
-        return self.encode_texts(_texts(queries, "a sentence encoder"))
-
-    def encode_candidates(self, candidates: Sequence[Candidate | str], progress: bool = True) -> np.ndarray:
-        return self.encode_texts(_texts(candidates, "a sentence encoder"))
+    def _encode(self, items: Sequence[Query | Candidate | str]) -> np.ndarray:
+        return self.encode_texts(_texts(items, "a sentence encoder"))
 
 
 class ImageFeatures:
@@ -167,7 +178,7 @@ class FitReport:
     losses: list[float] = field(default_factory=list)
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(_RecordEncoder, nn.Module):
     """LiT-style: frozen towers, trained linear heads into `dim`, learnable temperature (CLIP's init)."""
 
     def __init__(self, text: SentenceEncoder, image: ImageFeatures, dim: int = 256) -> None:
@@ -266,15 +277,3 @@ class DualEncoder(nn.Module):
             raise InputError(getattr(first, "source", None), "empty item: neither text nor image")
         # An image+text item is the normalised sum of its two projections (late fusion).
         return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    def encode_queries(
-        self,
-        queries: Sequence[Query | str],
-        instruction: str | None = None,
-        progress: bool = True,
-        label: str = "queries",
-    ) -> np.ndarray:
-        return self._encode(queries)
-
-    def encode_candidates(self, candidates: Sequence[Candidate | str], progress: bool = True) -> np.ndarray:
-        return self._encode(candidates)

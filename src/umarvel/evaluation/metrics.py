@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from umarvel.data.io import InputError
+from umarvel.retrieval.search import top_k
 
 
 def _judged(ranking: Mapping[str, Sequence[str]], relevant: Mapping[str, object]) -> list[str]:
@@ -122,7 +123,7 @@ def hit_rate(scores: np.ndarray, relevant: Sequence[Sequence[int]], k: int) -> f
     >>> hit_rate(np.array([[0.9, 0.1], [0.2, 0.8]]), [[1], [1]], k=1)
     50.0
     """
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = top_k(scores, k)
     hits = [bool(set(row.tolist()) & set(rel)) for row, rel in zip(top, relevant, strict=True)]
     return round(100 * float(np.mean(hits)), 2)
 
@@ -131,7 +132,7 @@ def mean_average_precision(scores: np.ndarray, relevant: Sequence[Sequence[int]]
     """`map_at_k` over a score matrix, in percent to 2 places, CIRCO's definition (the sum over the top
     k of precision@i x rel_i, divided by min(k, |relevant|)); rows without a relevant column are left
     out."""
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = top_k(scores, k)
     values = [
         average_precision_at_k(row.tolist(), set(rel), k)
         for row, rel in zip(top, relevant, strict=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from umarvel.data.training import TrainRow
 from umarvel.evaluation.metrics import recall_at_k
 from umarvel.modeling.embedder import Embedder
+from umarvel.retrieval.search import top_k
 
 
 def evaluate_rows(
@@ -30,7 +29,7 @@ def evaluate_rows(
         list(candidates.values()), batch_size=batch_size, progress=progress
     )
     scores = query_vectors @ candidate_vectors.T  # (Q, C)
-    top = np.argsort(-scores, axis=1)[:, : max(ks)]
+    top = top_k(scores, max(ks))
     ranking = {f"{i}": [dids[j] for j in top[i]] for i in range(len(rows))}
     relevant = {f"{i}": {p.did for p in row.positives} for i, row in enumerate(rows)}
     result = {f"recall@{k}": round(100 * recall_at_k(ranking, relevant, k), 2) for k in ks}

@@ -23,18 +23,9 @@ from umarvel.evaluation.metrics import (
     recall_at_k,
     recall_fraction_at_k,
 )
+from umarvel.retrieval.search import search_vectors, top_k
 
 logger = logging.getLogger(__name__)
-
-
-def _rank(
-    query_vectors: np.ndarray, candidate_vectors: np.ndarray, ids: list[str], k: int, factory: str = "Flat"
-) -> list[list[str]]:
-    from umarvel.retrieval.index import Index
-
-    index = Index(candidate_vectors.shape[1], factory)
-    index.add(candidate_vectors, ids)
-    return index.search(query_vectors, k).ids
 
 
 def evaluate_beir(
@@ -61,7 +52,7 @@ def evaluate_beir(
         progress=progress,
     )
     corpus_vectors = embedder.encode_candidates(beir.corpus, progress=progress)  # type: ignore[attr-defined]
-    ranked = _rank(query_vectors, corpus_vectors, [c.did for c in beir.corpus], 100, factory)
+    ranked = search_vectors(query_vectors, corpus_vectors, [c.did for c in beir.corpus], 100, factory).ids
     ranking = {q.qid: r for q, r in zip(beir.queries, ranked, strict=True)}
     gains = {q.qid: {d: float(g) for d, g in beir.qrels[q.qid].items()} for q in beir.queries}
     relevant = {qid: {d for d, g in judged.items() if g > 0} for qid, judged in gains.items()}
@@ -129,8 +120,8 @@ def evaluate_captions(
         label="photos",
     )
     scores = text_vectors @ image_vectors.T  # (T, I): one matrix serves both directions
-    top_images = np.argsort(-scores, axis=1)[:, : max(ks)]
-    top_texts = np.argsort(-scores.T, axis=1)[:, : max(ks)]
+    top_images = top_k(scores, max(ks))
+    top_texts = top_k(scores.T, max(ks))
     t2i = {str(t): [images[j] for j in row] for t, row in enumerate(top_images)}
     t2i_relevant = {str(t): {image} for t, (image, _) in enumerate(texts)}
     i2t = {image: [str(j) for j in top_texts[i]] for i, image in enumerate(images)}
@@ -177,7 +168,7 @@ def evaluate_image_classes(
     scores = text_vectors @ image_vectors.T  # (C, N)
     owner = np.array([classes.index(c) for c, _ in images])
     relevant = [np.flatnonzero(owner == row).tolist() for row in range(len(classes))]
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    top = top_k(scores, 10)
     precisions = [float(np.isin(row, wanted).mean()) for row, wanted in zip(top, relevant, strict=True)]
     predicted = scores.argmax(axis=0)
     per_class = [float((predicted[owner == c] == c).mean()) for c in range(len(classes))]

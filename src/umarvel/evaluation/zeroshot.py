@@ -29,6 +29,7 @@ import numpy as np
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.records import Candidate, Query
 from umarvel.evaluation.metrics import hit_rate, mean_average_precision
+from umarvel.retrieval.search import top_k
 
 logger = logging.getLogger(__name__)
 
@@ -487,7 +488,7 @@ def evaluate_task(embedder: Any, task: Task, progress: bool = True) -> dict[str,
         for row, gallery in enumerate(task.galleries):
             scores = vectors[start : start + len(gallery)] @ queries[row]
             start += len(gallery)
-            order = np.argsort(-scores, kind="stable")
+            order = top_k(scores, max(task.ks))
             for k in task.ks:
                 result[f"R@{k}"].append(float(0 in order[:k]))
         return {name: round(100 * float(np.mean(v)), 2) for name, v in result.items()}

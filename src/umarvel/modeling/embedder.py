@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,9 +35,7 @@ from umarvel.config.io import from_dict
 from umarvel.config.manifest import machine
 from umarvel.config.schema import EmbedderConfig, fields_with_role
 from umarvel.data.collator import Collator, EncodedBatch, EncodeItem, resolve_system_prompt
-from umarvel.data.io import InputError
-from umarvel.data.media import load_image
-from umarvel.data.records import Candidate, Query
+from umarvel.data.inputs import Encodable, MediaSettings, to_item
 from umarvel.modeling.attention import set_attention_mode
 from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
 from umarvel.modeling.pooling import pool
@@ -84,9 +81,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if native_bf16() else torch.float32
     return DTYPES[name]
-
-
-Encodable = Query | Candidate | str | Path | Image.Image | dict[str, Any]
 
 
 class Embedder(nn.Module):
@@ -250,59 +244,9 @@ class Embedder(nn.Module):
         root: str | Path | None = None,
         where: str | None = None,
     ) -> EncodeItem:
-        """Normalise any accepted input to an `EncodeItem` with its image loaded."""
-        base = Path(root) if root is not None else None
-
-        def resolve(path: Any) -> Any:
-            """A relative file path is relative to `root`; anything else is used as it is."""
-            if isinstance(path, (str, Path)) and base is not None and not Path(path).is_absolute():
-                return base / path
-            return path
-
-        text: str | None = None
-        image: Any = None
-        video: Any = None
-        extra: tuple = ()
-        if isinstance(value, Query):
-            text, image, video, where = value.text, value.image, value.video, value.source or where
-            extra = value.images
-            instruction = value.instruction if value.instruction is not None else instruction
-        elif isinstance(value, Candidate):
-            text, image, video, where = value.text, value.image, value.video, value.source or where
-        elif isinstance(value, str):
-            text = value
-        elif isinstance(value, (Path, Image.Image)):
-            image = value
-        elif isinstance(value, dict):
-            text = value.get("txt", value.get("query_txt"))
-            image = value.get("img_path", value.get("query_img_path"))
-        else:
-            raise InputError(where, f"cannot encode a {type(value).__name__}")
-        loaded = (
-            load_image(resolve(image), self.settings.max_image_pixels, where=where)
-            if image is not None
-            else None
-        )
-        if text is not None and not isinstance(text, str):
-            raise InputError(where, f"text must be a string, got {type(text).__name__}")
-        frames = None
-        if video is not None:
-            from umarvel.data.video import load_video
-
-            frames = tuple(
-                load_video(
-                    resolve(video),
-                    nframes=self.settings.video_frames,
-                    fps=self.settings.video_fps,
-                    max_frames=self.settings.video_max_frames,
-                    max_pixels=self.settings.max_image_pixels,
-                    where=where,
-                )
-            )
-        earlier = tuple(load_image(resolve(p), self.settings.max_image_pixels, where=where) for p in extra)
-        return EncodeItem(
-            text=text, image=loaded, instruction=instruction, where=where, video=frames, images=earlier
-        )
+        """Any accepted input as an `EncodeItem` with its media loaded under this embedder's budget
+        (`data.inputs.to_item`)."""
+        return to_item(value, MediaSettings.of(self.settings), instruction, root=root, where=where)
 
     @torch.no_grad()
     def encode_items(

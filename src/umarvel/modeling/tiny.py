@@ -144,22 +144,32 @@ def _qwen_image_processor_kwargs(patch_size: int, max_visual_tokens: int = 16) -
     }
 
 
-def _build_tiny_qwen(
-    names: tuple[str, str, str, str],
+# transformers class names of each Qwen-VL family: config, model, processor, video processor.
+QWEN_CLASSES = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLModel", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLModel", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLModel", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
+
+
+def build_qwen_family(
+    family: str,
     vision_config: dict[str, Any],
     rope_extra: dict[str, Any] | None = None,
     text_extra: dict[str, Any] | None = None,
     max_visual_tokens: int = 16,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, Any]:
-    """A Qwen-VL family member from transformers class names (config, model, processor, video).
+    """A member of a Qwen-VL `family` (a `QWEN_CLASSES` key) with random weights.
 
     Tiny by default; `text_extra` / `vision_config` can give it any shape. Weights are random.
     """
     import transformers
     from transformers import Qwen2VLImageProcessor
 
-    config_class, model_class, processor_class, video_class = (getattr(transformers, n) for n in names)
+    config_class, model_class, processor_class, video_class = (
+        getattr(transformers, n) for n in QWEN_CLASSES[family]
+    )
     tokenizer = _qwen_tokenizer()
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], **(rope_extra or {})}
     common_vision = {"spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 2}
@@ -181,51 +191,15 @@ def _build_tiny_qwen(
 
 
 def build_tiny_qwen2_vl() -> tuple[torch.nn.Module, Any]:
-    return _build_tiny_qwen(
-        ("Qwen2VLConfig", "Qwen2VLModel", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    return build_qwen_family(
+        "qwen2_vl",
         {"depth": 1, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "patch_size": 14},
     )
 
 
-def build_random_qwen2_vl_2b(
-    device: str | torch.device = "cpu", layers: int = 28, max_visual_tokens: int = 300
-) -> tuple[torch.nn.Module, Any]:
-    """Qwen2-VL-2B's published shape with random weights and umarvel's small test tokenizer.
-
-    For throughput and FLOP benchmarks on machines that cannot download the real checkpoint: the
-    transformer, vision tower and attention are the real sizes (1.5B language-model parameters, a
-    675M-parameter ViT); only the vocabulary is small, which the embedder never projects onto.
-    `layers` shrinks the language model for smoke runs; images keep at most `max_visual_tokens` merged
-    tokens (300 matches umarvel's default `max_image_pixels`).
-    """
-    return _build_tiny_qwen(
-        ("Qwen2VLConfig", "Qwen2VLModel", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
-        {
-            "depth": 32,
-            "embed_dim": 1280,
-            "hidden_size": 1536,
-            "mlp_ratio": 4,
-            "num_heads": 16,
-            "patch_size": 14,
-        },
-        rope_extra={"rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        text_extra={
-            "hidden_size": 1536,
-            "intermediate_size": 8960,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 2,
-            "head_dim": 128,
-            "max_position_embeddings": 32768,
-        },
-        max_visual_tokens=max_visual_tokens,
-        device=device,
-    )
-
-
 def build_tiny_qwen2_5_vl() -> tuple[torch.nn.Module, Any]:
-    return _build_tiny_qwen(
-        ("Qwen2_5_VLConfig", "Qwen2_5_VLModel", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    return build_qwen_family(
+        "qwen2_5_vl",
         {
             "depth": 2,
             "hidden_size": 32,
@@ -239,8 +213,8 @@ def build_tiny_qwen2_5_vl() -> tuple[torch.nn.Module, Any]:
 
 
 def build_tiny_qwen3_vl() -> tuple[torch.nn.Module, Any]:
-    return _build_tiny_qwen(
-        ("Qwen3VLConfig", "Qwen3VLModel", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    return build_qwen_family(
+        "qwen3_vl",
         {
             "depth": 2,
             "hidden_size": 32,

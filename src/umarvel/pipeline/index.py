@@ -162,24 +162,6 @@ def load_index_embedder(index_dir: str | Path, overrides: dict | None = None) ->
     return index, embedder
 
 
-def rerank_hits(
-    ranker: Any,
-    query: Query,
-    ranked: list[tuple[str, float]],
-    records: dict[str, Candidate],
-    top: int,
-    weight: float,
-) -> list[tuple[str, float]]:
-    """U-MARVEL+ for one query: the first `top` hits re-scored cos + weight * P(Yes), then the rest."""
-    from umarvel.evaluation.rerank import fuse
-    from umarvel.modeling.reranker import RerankPair
-
-    head = [d for d, _ in ranked[:top]]
-    query_item = ranker.item(query, with_instruction=True)
-    p_yes = ranker.score([RerankPair(query_item, ranker.item(records[d], False)) for d in head])
-    return fuse(ranked, dict(zip(head, p_yes.tolist(), strict=True)), weight, top)
-
-
 def search_index(
     index_dir: str | Path,
     text: str | None = None,
@@ -204,8 +186,8 @@ def search_index(
     vectors = embedder.encode_queries([query], progress=False)
     if reranker is None:
         return index.search(vectors, k)
-    from umarvel.evaluation.rerank import DEFAULT_WEIGHT
-    from umarvel.modeling.reranker import Reranker
+    from umarvel.reranker.model import Reranker
+    from umarvel.reranker.scoring import DEFAULT_WEIGHT, rerank_hits
 
     found = index.search(vectors, max(k, rerank_top))
     ranked = [(d, float(s)) for d, s in zip(found.ids[0], found.scores[0], strict=True) if d]

@@ -71,8 +71,8 @@ def run_train(config: RunConfig, progress: bool = True) -> Artifact:
 
 
 def run_train_reranker(config: RerankerRunConfig, progress: bool = True) -> Artifact:
-    """A re-ranker training stage (pipeline/rerank.py) -> its merged re-ranker."""
-    from umarvel.pipeline.rerank import train_reranker
+    """A re-ranker training stage (pipeline/train.py) -> its merged re-ranker."""
+    from umarvel.pipeline.train import train_reranker
 
     return Artifact.of("reranker", train_reranker(config, progress=progress))
 
@@ -119,8 +119,8 @@ def run_mine(config: MineConfig, progress: bool = True) -> Artifact:
 
 def run_score(config: ScoreConfig, progress: bool = True) -> Artifact:
     """The distillation teacher -> teacher.jsonl (score_teacher writes its manifest)."""
-    from umarvel.modeling.reranker import Reranker
-    from umarvel.pipeline.rerank import parse_alphas, score_teacher
+    from umarvel.reranker.model import Reranker
+    from umarvel.reranker.teacher import parse_alphas, score_teacher
 
     path = score_teacher(
         _embedder(config.model, config.settings),
@@ -163,7 +163,7 @@ def run_eval(config: EvalConfig, progress: bool = True) -> tuple[Artifact, Any, 
     Returns the artifact (the re-ranked results when re-ranking) and the retrieval and re-ranked
     `Scores` (None without a re-ranker)."""
     from umarvel.evaluation.mbeir import evaluate_mbeir
-    from umarvel.evaluation.rerank import rerank_runs
+    from umarvel.reranker.scoring import rerank_runs
 
     out, settings = Path(config.out), POOL_SETTINGS[config.pool]
     embedder = _embedder(config.model, config.settings)
@@ -228,8 +228,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> tuple[Artifact, Any, 
 
 def load_reranker(name: str, weight: float | None) -> tuple[Any, float]:
     """The re-ranker and the fusion weight: the given one, else its tuned one, else the paper's 0.1."""
-    from umarvel.evaluation.rerank import DEFAULT_WEIGHT
-    from umarvel.modeling.reranker import Reranker
+    from umarvel.reranker.model import Reranker
+    from umarvel.reranker.scoring import DEFAULT_WEIGHT
 
     ranker = Reranker.from_pretrained(name)
     if weight is None:
@@ -243,8 +243,8 @@ def load_reranker(name: str, weight: float | None) -> tuple[Any, float]:
 def run_tune_fusion(config: TuneFusionConfig, progress: bool = True) -> Artifact:
     """Choose the fusion weight on val, store it beside the re-ranker (fusion.json) -> out/fusion.json."""
     from umarvel.evaluation.mbeir import evaluate_mbeir
-    from umarvel.evaluation.rerank import tune_fusion
-    from umarvel.modeling.reranker import Reranker, store_fusion
+    from umarvel.reranker.model import Reranker, store_fusion
+    from umarvel.reranker.scoring import tune_fusion
 
     out, settings = Path(config.out), POOL_SETTINGS[config.pool]
     embedder = _embedder(config.model, config.settings)

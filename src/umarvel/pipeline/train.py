@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from umarvel.config.io import save_config
+from umarvel.config.io import ConfigError, save_config
 from umarvel.config.manifest import write_manifest
 from umarvel.config.schema import DataSource, RerankerRunConfig, RunConfig
 from umarvel.data.io import write_json
@@ -225,7 +225,7 @@ def _stand_in(source: DataSource, folder: Path, distill: bool = False) -> DataSo
     """A tiny file of the same kind, for a dry run where the real data is not on this machine."""
     from PIL import Image
 
-    from umarvel.data.mini_mbeir import build_mini_mbeir
+    from umarvel.testing.mbeir import build_mini_mbeir
 
     folder.mkdir(parents=True, exist_ok=True)
     sentences = [
@@ -345,3 +345,47 @@ def dry_run(config: RunConfig, output_dir: str | Path, family: str = "qwen2_vl")
         "output_dir": str(output_dir / "run"),
         "stand_ins": stand_ins,
     }
+
+
+def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
+    """Train a re-ranker stage to completion (resuming from the newest checkpoint); returns model/."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from umarvel.reranker.data import RerankCollator, RerankSet
+    from umarvel.reranker.model import Reranker
+    from umarvel.reranker.training import RerankerTrainer
+    from umarvel.training.adapters import merge_adapters, prepare_for_training
+    from umarvel.training.trainer import training_arguments
+
+    if not config.data.train:
+        raise ConfigError("the recipe has no data.train sources")
+    from umarvel.pipeline.run import claim_run
+
+    output_dir = Path(config.output_dir)
+    finished, key = claim_run("train_reranker", config)
+    if finished and (output_dir / "model").is_dir():
+        logger.info("%s: this recipe already finished training here", output_dir)
+        return output_dir / "model"
+    run_on_main(save_config, config, output_dir / "config.yaml")
+    reranker = Reranker.from_config(config.reranker)
+    rows = [row for source in config.data.train for row in load_rows(source, seed=config.seed)]
+    dataset = RerankSet(rows, config.seed, config.reranker)
+    prepare_for_training(reranker, config.train.lora, config.train.trainable_modules, seed=config.seed)
+    trainer = RerankerTrainer(
+        model=reranker,
+        args=training_arguments(config.train, output_dir / "checkpoints", config.seed),
+        train_dataset=dataset,
+        data_collator=RerankCollator(reranker.collator),
+    )
+    checkpoints = output_dir / "checkpoints"
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    metrics: dict[str, Any] = {"stage": config.stage, "queries": len(rows)}
+    metrics.update(train_or_resume(trainer, resume))
+    if config.train.lora.enabled and config.train.merge_lora:
+        merge_adapters(reranker)
+    reranker.eval()
+    inputs = {f"train_{i}_{s.kind}": s.path for i, s in enumerate(config.data.train)}
+    for i, source in enumerate(config.data.train):
+        if source.negatives:
+            inputs[f"train_{i}_negatives"] = source.negatives
+    return save_stage(reranker, config, key, "train-reranker", metrics, trainer.state.log_history, inputs)

@@ -15,7 +15,7 @@ from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 
-from umarvel.data.convert import CLOTHING_CLASSES, SPLITS, _Bench, _bucket, _link_images, _write
+from umarvel.data.convert import CLOTHING_CLASSES, SPLITS, Bench, bucket, link_images, write_benchmark
 from umarvel.data.io import InputError
 from umarvel.data.mbeir import Row
 
@@ -53,14 +53,14 @@ def build_quickstart_benchmark(output: str | Path, data: Path | None = None, see
     if not clothing.is_dir():
         raise InputError(clothing, "the quickstart's clothing photos are missing from the package")
     rng = random.Random(seed)
-    bench = _Bench(root)
+    bench = Bench(root)
     rows = {key: Row(key[0], key[1], 5) for key in NOTES}
-    prefixes = {d: _link_images(root, d, "clothing", clothing) for d, _ in NOTES}
+    prefixes = {d: link_images(root, d, "clothing", clothing) for d, _ in NOTES}
     photos: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for folder, split in (("train", "train"), ("validation", "val"), ("test", "test")):
         for cls in CLOTHING_CLASSES:
             for path in sorted((clothing / folder / cls).glob("*.jpg")):
-                dataset = ("mscoco", "nights", "fashioniq")[_bucket(path.name, "quickstart", 3)]
+                dataset = ("mscoco", "nights", "fashioniq")[bucket(path.name, "quickstart", 3)]
                 photos[(dataset, split, cls)].append(f"{folder}/{cls}/{path.name}")
     for split in SPLITS:
         by_class = {
@@ -98,5 +98,5 @@ def build_quickstart_benchmark(output: str | Path, data: Path | None = None, see
                     text = f"I want the same style but as a {wanted} instead of a {cls}"
                     bench.query(row, split, text, image, pool[target])
     title = "# The quickstart benchmark\n\nBuilt by `umarvel quickstart` from the clothing photos it ships."
-    _write(bench, rows, 10_000, rng, (title, NOTES, LICENCES))
+    write_benchmark(bench, rows, 10_000, rng, (title, NOTES, LICENCES))
     return root

@@ -38,6 +38,9 @@ from pydantic import BaseModel, Field
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.media import decode_image_bytes
 from umarvel.data.records import Candidate, Query
+from umarvel.pipeline.index import CANDIDATES_FILE, load_index_embedder, media_path
+from umarvel.reranker.model import Reranker
+from umarvel.reranker.scoring import DEFAULT_WEIGHT, rerank_hits
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +168,6 @@ class Service:
         overrides: dict | None = None,
         limits: ServeLimits | None = None,
     ) -> None:
-        from umarvel.pipeline.index import CANDIDATES_FILE, load_index_embedder, media_path
-
         self.folder = Path(index_dir).resolve()
         self.limits = limits or ServeLimits()
         self.index, self.embedder = load_index_embedder(self.folder, overrides)
@@ -185,9 +186,6 @@ class Service:
         self.reranker = None
         self.fusion_weight: float | None = None
         if reranker is not None:
-            from umarvel.evaluation.rerank import DEFAULT_WEIGHT
-            from umarvel.modeling.reranker import Reranker
-
             self.reranker = Reranker.from_pretrained(reranker)
             self.fusion_weight = float(self.reranker.fusion.get("weight", DEFAULT_WEIGHT))
         self.lock = threading.Lock()
@@ -195,8 +193,6 @@ class Service:
     def search(
         self, query: Query, k: int, rerank: bool, rerank_top: int
     ) -> tuple[list[tuple[str, float]], bool]:
-        from umarvel.pipeline.index import rerank_hits
-
         with self.lock:
             vectors = self.embedder.encode_queries([query], progress=False)
             depth = max(k, rerank_top) if rerank and self.reranker is not None else k

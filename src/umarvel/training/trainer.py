@@ -205,18 +205,40 @@ def refuse_unsupported_engines(trainer: Trainer) -> None:
         )
 
 
-class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
+class StageTrainer(LoggedParts, TrainableCheckpoints, Trainer):
+    """What every umarvel `Trainer` shares: logged loss parts, trainable-only checkpoints, the engines
+    it refuses, the epoch passed to the dataset, and `compute_loss` in terms of `batch_loss`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._parts: dict[str, list[float]] = defaultdict(list)
+        super().__init__(**kwargs)
+        refuse_unsupported_engines(self)
+        self.add_callback(_EpochCallback(self.train_dataset))
+
+    def batch_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """The batch's loss and its outputs (what `prediction_step` may read)."""
+        raise NotImplementedError
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
+        loss, outputs = self.batch_loss(model, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+
+class EmbedderTrainer(StageTrainer):
     """`Trainer` for an `Embedder`: InfoNCE parts, their logging, the temperature's learning rate,
     trainable-only checkpoints, and GradCache when `gradcache_chunk_size` > 0."""
 
     def __init__(self, *, model: Embedder, train_config: TrainConfig, **kwargs: Any) -> None:
         self.train_config = train_config
-        self._parts: dict[str, list[float]] = defaultdict(list)
         super().__init__(model=model, **kwargs)
-        refuse_unsupported_engines(self)
         # Set by the training loop; a default lets `training_step` run on its own (tests, debugging).
         self.current_gradient_accumulation_steps = 1
-        self.add_callback(_EpochCallback(self.train_dataset))
 
     # ---- loss ------------------------------------------------------------------------------------
 
@@ -290,16 +312,9 @@ class EmbedderTrainer(LoggedParts, TrainableCheckpoints, Trainer):
             return None
         return torch.cat([model(_to_batch(chunk)) for chunk in chunks])  # (n, D)
 
-    def compute_loss(
-        self,
-        model: torch.nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Any = None,
-    ) -> torch.Tensor:
+    def batch_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         embedded = {side: self._embed(model, inputs[side]) for side in SIDES if side in inputs}
-        loss = self._loss(model, embedded, inputs)  # type: ignore[arg-type]
-        return (loss, None) if return_outputs else loss
+        return self._loss(model, embedded, inputs), None  # type: ignore[arg-type]
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None

@@ -1,6 +1,6 @@
 """A bounded loopback load test for `umarvel serve`: N concurrent clients, each sending M searches.
 
-python -m umarvel.serve.load http://127.0.0.1:8000 --clients 50 --requests 4
+python -m umarvel.testing.load http://127.0.0.1:8000 --clients 50 --requests 4
 """
 
 from __future__ import annotations

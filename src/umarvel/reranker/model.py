@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,13 @@ from torch import nn
 from umarvel.config.digest import json_digest, record_digests
 from umarvel.config.io import from_dict
 from umarvel.config.schema import RerankerConfig
-from umarvel.data.collator import EncodeItem, apply_template, resolve_system_prompt
+from umarvel.data.collator import EncodeItem, resolve_system_prompt
+from umarvel.data.inputs import MediaSettings, to_item
 from umarvel.data.io import InputError, write_json
-from umarvel.data.text import format_string
 from umarvel.modeling.attention import set_attention_mode
 from umarvel.modeling.backbones import CHECKPOINT_FILE, Backbone, load_backbone
 from umarvel.modeling.embedder import resolve_dtype
+from umarvel.reranker.data import ANSWERS, PairBatch, PairCollator, RerankPair
 
 logger = logging.getLogger(__name__)
 
@@ -45,125 +45,14 @@ RERANKER_FILE = "reranker.json"
 # changes how scores are fused, never a P(Yes).
 FUSION_FILE = "fusion.json"
 HEAD_FILE = "answer_head.safetensors"
-INSTRUCTION = (
-    "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
-    "requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'."
-)
-ANSWERS = ("Yes", "No")
 # Shorter shared prefixes are not worth a second pass through the language model.
 MIN_SHARED_PREFIX = 8
-
-
-@dataclass(frozen=True)
-class RerankPair:
-    """A query (its instruction included) and one candidate to judge."""
-
-    query: EncodeItem
-    candidate: EncodeItem
-
-
-@dataclass
-class PairBatch:
-    """Backbone inputs and the position of the first answer token in each row."""
-
-    inputs: dict[str, torch.Tensor]
-    answer_positions: torch.Tensor  # (B,)
-
-    def to(self, device: torch.device | str) -> PairBatch:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
-        return PairBatch(moved, self.answer_positions.to(device))
-
-
-class PairCollator:
-    """Renders (query, candidate) pairs as one user turn plus the generation prompt."""
-
-    def __init__(
-        self,
-        processor: Any,
-        nested_images: bool,
-        max_text_tokens: int = 256,
-        format_text: bool = True,
-        native_video: bool = False,
-        system_prompt: bool = True,
-    ) -> None:
-        self.processor = processor
-        self.system_prompt = system_prompt
-        self.tokenizer = processor.tokenizer
-        self.nested_images = nested_images
-        self.native_video = native_video
-        self.max_text_tokens = max_text_tokens
-        self.format_text = format_text
-
-    def _text(self, item: EncodeItem, with_instruction: bool) -> str:
-        text = (item.text or "").strip()
-        instruction = (item.instruction or "").strip() if with_instruction else ""
-        joined = f"{instruction} {text}".strip()
-        if self.format_text and joined:
-            joined = format_string(joined)
-        ids = self.tokenizer(joined, add_special_tokens=False)["input_ids"]
-        return (
-            self.tokenizer.decode(ids[: self.max_text_tokens]) if len(ids) > self.max_text_tokens else joined
-        )
-
-    def render(self, pair: RerankPair) -> str:
-        """The prompt: the instruction, then each side's media (video, earlier images, image) and text,
-        in the same placeholder order as the embedder's collator."""
-        content: list[dict[str, str]] = [{"type": "text", "text": f"{INSTRUCTION}\nQuery:"}]
-        for label, item, with_instruction in (
-            ("Query", pair.query, True),
-            ("Candidate", pair.candidate, False),
-        ):
-            if not (item.text or "").strip() and not _media(item):
-                raise InputError(item.where, f"empty {label.lower()}: no text, image or video")
-            if label == "Candidate":
-                content.append({"type": "text", "text": "\nCandidate:"})
-            if item.video:
-                content.extend(
-                    [{"type": "video"}] if self.native_video else [{"type": "image"}] * len(item.video)
-                )
-            content.extend([{"type": "image"}] * (len(item.images) + (item.image is not None)))
-            text = self._text(item, with_instruction)
-            if text:
-                content.append({"type": "text", "text": f" {text}"})
-        return apply_template(
-            self.processor,
-            [{"role": "user", "content": content}],
-            system_prompt=self.system_prompt,
-            add_generation_prompt=True,
-        )
-
-    def _images(self, item: EncodeItem) -> list[Any]:
-        frames = list(item.video) if item.video and not self.native_video else []
-        return frames + list(item.images) + ([item.image] if item.image is not None else [])
-
-    def __call__(self, pairs: Sequence[RerankPair]) -> PairBatch:
-        rendered = [self.render(pair) for pair in pairs]
-        kwargs: dict[str, Any] = {}
-        per_pair = [[im for i in (p.query, p.candidate) for im in self._images(i)] for p in pairs]
-        if any(per_pair):
-            kwargs["images"] = per_pair if self.nested_images else [im for ims in per_pair for im in ims]
-        videos = [
-            list(i.video) for p in pairs for i in (p.query, p.candidate) if i.video and self.native_video
-        ]
-        if videos:
-            kwargs["videos"] = videos
-            kwargs["do_sample_frames"] = False  # frames are already sampled (data/video.py)
-        encoding = self.processor(text=rendered, padding=True, return_tensors="pt", **kwargs)
-        attention = encoding["attention_mask"]
-        # The last real token of each row (right or left padding alike) predicts the answer.
-        length = attention.shape[1]
-        positions = length - 1 - torch.flip(attention, dims=[1]).argmax(dim=1)
-        return PairBatch(dict(encoding), positions)
 
 
 def _cache_argument(language_model: nn.Module) -> str:
     """The name a decoder's forward takes its key/value cache by: `cache` from transformers 5.24 on,
     `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
-
-
-def _media(item: EncodeItem) -> bool:
-    return item.image is not None or bool(item.video) or bool(item.images)
 
 
 def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
@@ -278,9 +167,7 @@ class Reranker(nn.Module):
 
     def item(self, record: Any, with_instruction: bool) -> EncodeItem:
         """A query or candidate record as this re-ranker reads it (image budget, video sampling)."""
-        from umarvel.data.training import encode_record
-
-        return encode_record(record, self.settings, with_instruction)
+        return to_item(record, MediaSettings.of(self.settings), with_instruction=with_instruction)
 
     def pair(self, query: Any, candidate: Any) -> RerankPair:
         """The (query with its instruction, candidate) pair of two records."""

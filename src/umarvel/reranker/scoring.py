@@ -20,7 +20,7 @@ import numpy as np
 
 from umarvel.config.io import ConfigError
 from umarvel.config.stages import TuneFusionConfig
-from umarvel.data.io import InputError, atomic_write, write_json
+from umarvel.data.io import InputError, write_json
 from umarvel.data.mbeir import MBeir, Row
 from umarvel.data.records import Candidate, Query
 from umarvel.distributed import each_rank_does, run_on_main, world
@@ -32,7 +32,10 @@ from umarvel.evaluation.mbeir import (
     run_file_name,
     score_runs,
     write_results,
+    write_run,
 )
+from umarvel.reranker.data import RerankPair
+from umarvel.retrieval.encode import item_key, prime_media_digests
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +76,6 @@ def pair_keys(
     """(qid, did) -> the content key of the pair's P(Yes): the re-ranker's fingerprint (weights digest
     and settings) and both records' content (text, instruction, image digests), so a changed re-ranker,
     query or candidate is scored again."""
-    from umarvel.retrieval.encode import item_key, prime_media_digests
-
     qids, dids = dict.fromkeys(q for q, _ in wanted), dict.fromkeys(d for _, d in wanted)
     prime_media_digests([*(queries[q] for q in qids), *(candidates[d] for d in dids)])
     query_keys = {qid: item_key(queries[qid], "query", None, fingerprint) for qid in qids}
@@ -136,11 +137,19 @@ def fuse(
     return [head[i] for i in order] + list(ranked[top:])
 
 
-def _write_fused(path: Path, row: Row, runs: dict[str, list[tuple[str, float]]], run_id: str) -> None:
-    with atomic_write(path) as handle:
-        for qid, ranked in runs.items():
-            for rank, (did, score) in enumerate(ranked, start=1):
-                handle.write(f"{qid} Q0 {did} {rank} {score:.6f} {run_id} {row.task_id}\n")
+def rerank_hits(
+    ranker: Any,
+    query: Query,
+    ranked: list[tuple[str, float]],
+    records: dict[str, Candidate],
+    top: int,
+    weight: float,
+) -> list[tuple[str, float]]:
+    """U-MARVEL+ for one query: the first `top` hits re-scored cos + weight * P(Yes), then the rest."""
+    head = [d for d, _ in ranked[:top]]
+    query_item = ranker.item(query, with_instruction=True)
+    p_yes = ranker.score([RerankPair(query_item, ranker.item(records[d], False)) for d in head])
+    return fuse(ranked, dict(zip(head, p_yes.tolist(), strict=True)), weight, top)
 
 
 def _records(mbeir: MBeir, rows: Sequence[Row], split: str, settings: Iterable[PoolSetting]):
@@ -225,7 +234,15 @@ def _fuse_runs(
                 qid: fuse(ranked, {d: p_yes[(qid, d)] for d, _ in ranked[:top]}, weight, top)
                 for qid, ranked in runs.items()
             }
-            _write_fused(target / run_file_name(row, setting, split), row, fused, f"rerank_w{weight}")
+            qids = list(fused)
+            write_run(
+                target / run_file_name(row, setting, split),
+                row,
+                qids,
+                [[did for did, _ in fused[qid]] for qid in qids],
+                [[score for _, score in fused[qid]] for qid in qids],  # type: ignore[arg-type]
+                f"rerank_w{weight}",
+            )
         results[weight] = score_runs(root, target, split, rows, settings)
         if position == 0:
             write_results(results[weight], out_dir, split)

@@ -1,7 +1,4 @@
-"""Re-ranker stages: `train-reranker` (R1 / R2) and `score` (the distillation teacher, method 7.1).
-
-`train_reranker` output folder: config.yaml, checkpoints/ (resumable), model/ (merged re-ranker),
-metrics.json, training_curve.png, manifest.json.
+"""The distillation teacher (method 7.1): re-ranker scores over the stage-B embedder's shortlists.
 
 `score_teacher` output folder:
     embeddings/        resumable query and pool embeddings of the stage-B embedder
@@ -26,61 +23,18 @@ from typing import Any
 import numpy as np
 
 from umarvel.config.digest import json_digest
-from umarvel.config.io import ConfigError, save_config
+from umarvel.config.io import ConfigError
 from umarvel.config.manifest import write_manifest
-from umarvel.config.schema import RerankerRunConfig
 from umarvel.data.io import InputError, read_jsonl, write_json, write_jsonl
 from umarvel.data.mbeir import Instructions, dataset_id_of, read_pool, read_queries
 from umarvel.data.records import Candidate, Query
 from umarvel.data.sampling import row_rng
-from umarvel.data.training import load_rows
 from umarvel.distributed import each_rank_does, my_share, run_on_main, world
+from umarvel.reranker.data import RerankPair
+from umarvel.retrieval.encode import encode_corpus, item_key
+from umarvel.retrieval.search import top_k
 
 logger = logging.getLogger(__name__)
-
-
-def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
-    """Train a re-ranker stage to completion (resuming from the newest checkpoint); returns model/."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from umarvel.modeling.reranker import Reranker
-    from umarvel.pipeline.train import save_stage, train_or_resume
-    from umarvel.training.adapters import merge_adapters, prepare_for_training
-    from umarvel.training.rerank import RerankCollator, RerankerTrainer, RerankSet
-    from umarvel.training.trainer import training_arguments
-
-    if not config.data.train:
-        raise ConfigError("the recipe has no data.train sources")
-    from umarvel.pipeline.run import claim_run
-
-    output_dir = Path(config.output_dir)
-    finished, key = claim_run("train_reranker", config)
-    if finished and (output_dir / "model").is_dir():
-        logger.info("%s: this recipe already finished training here", output_dir)
-        return output_dir / "model"
-    run_on_main(save_config, config, output_dir / "config.yaml")
-    reranker = Reranker.from_config(config.reranker)
-    rows = [row for source in config.data.train for row in load_rows(source, seed=config.seed)]
-    dataset = RerankSet(rows, config.seed, config.reranker)
-    prepare_for_training(reranker, config.train.lora, config.train.trainable_modules, seed=config.seed)
-    trainer = RerankerTrainer(
-        model=reranker,
-        args=training_arguments(config.train, output_dir / "checkpoints", config.seed),
-        train_dataset=dataset,
-        data_collator=RerankCollator(reranker.collator),
-    )
-    checkpoints = output_dir / "checkpoints"
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    metrics: dict[str, Any] = {"stage": config.stage, "queries": len(rows)}
-    metrics.update(train_or_resume(trainer, resume))
-    if config.train.lora.enabled and config.train.merge_lora:
-        merge_adapters(reranker)
-    reranker.eval()
-    inputs = {f"train_{i}_{s.kind}": s.path for i, s in enumerate(config.data.train)}
-    for i, source in enumerate(config.data.train):
-        if source.negatives:
-            inputs[f"train_{i}_negatives"] = source.negatives
-    return save_stage(reranker, config, key, "train-reranker", metrics, trainer.state.log_history, inputs)
 
 
 def sample_queries(queries: Sequence[Query], fraction: float, seed: int) -> list[Query]:
@@ -150,7 +104,7 @@ def _shortlists(
                 query.source, f"no training-pool candidate of dataset {dataset_id_of(query.qid)}"
             )
         scores = pool_vectors[members] @ vector
-        order = np.argsort(-scores, kind="stable")[:top]
+        order = top_k(scores, top)
         lists.append(([pool[members[i]].did for i in order], [float(scores[i]) for i in order]))
     return lists
 
@@ -172,9 +126,6 @@ def score_teacher(
     instruction_choice: str = "hash",
 ) -> Path:
     """Write `teacher.jsonl` for a stratified sample of training queries (see module docstring)."""
-    from umarvel.modeling.reranker import RerankPair
-    from umarvel.retrieval.encode import encode_corpus
-
     if not 0 <= alpha <= 1:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     alpha_by_task = dict(alpha_by_task or {})
@@ -201,7 +152,6 @@ def score_teacher(
     # A part is named by the digest of everything its records depend on: both models' identities, the
     # fusion of scores, and its queries' content with their shortlists. A rerun reuses exactly the
     # parts whose inputs are unchanged and deletes the others.
-    from umarvel.retrieval.encode import item_key
 
     identities = {"embedder": embedder.fingerprint, "reranker": reranker.fingerprint}
     shortlisted = {did for dids, _ in shortlists for did in dids}
