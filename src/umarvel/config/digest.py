@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from umarvel.errors import UserError
+from umarvel.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,6 @@ def record_digests(folder: str | Path) -> str:
     """Hash a checkpoint folder just written, store `umarvel_digest.json` in it and return its digest.
 
     The files are read back right after they are written, so they come from the page cache."""
-    from umarvel.files import write_json
 
     folder = Path(folder)
     paths = content_files(folder)

@@ -15,6 +15,7 @@ import yaml
 
 from umarvel.config.schema import RunConfig
 from umarvel.errors import UserError
+from umarvel.files import atomic_write
 
 T = TypeVar("T")
 
@@ -161,7 +162,6 @@ def load_config(
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from umarvel.files import atomic_write
 
     with atomic_write(path) as handle:
         yaml.safe_dump(to_dict(config), handle, sort_keys=False)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel.data.io import InputError, read_jsonl, write_jsonl
-from umarvel.data.mbeir import DATASET_IDS, TASKS, Row, write_instructions, write_qrels
+from umarvel.data.mbeir import DATASET_IDS, ROWS, TASKS, Row, write_instructions, write_qrels
+from umarvel.data.pairs import read_beir
 from umarvel.data.records import Modality
 from umarvel.data.sampling import held_split, stable_hash
 
@@ -224,7 +225,6 @@ def build_benchmark(
 
 
 def _scifact(folder: Path, bench: Bench, row: Row, rng: random.Random, distractors: int) -> None:
-    from umarvel.data.pairs import read_beir
 
     corpus = {}
     for number, record in read_jsonl(folder / "corpus.jsonl"):
@@ -393,7 +393,6 @@ def _write_readme(
 
 def benchmark_rows(root: str | Path) -> list[Row]:
     """The rows present in a benchmark folder (those with a test query file), in M-BEIR order."""
-    from umarvel.data.mbeir import ROWS
 
     root = Path(root)
     return [row for row in ROWS if (root / "query" / "test" / f"mbeir_{row.name}_test.jsonl").is_file()]

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from umarvel.config.schema import DataSource, EmbedderConfig
 from umarvel.data.collator import EncodeItem
 from umarvel.data.inputs import MediaSettings, to_item
-from umarvel.data.io import InputError
+from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.mbeir import Instructions, read_pool, read_queries
 from umarvel.data.pairs import (
     read_beir,
@@ -140,7 +140,6 @@ def _mbeir_rows(root: Path, source: DataSource, seed: int = 0) -> list[TrainRow]
 def _teacher_rows(path: Path, queries: Sequence[Query], pool: dict[str, Candidate]) -> list[TrainRow]:
     """One row per line of a `teacher.jsonl` (umarvel score): the query, its positives, and the scored
     shortlist with its fused teacher scores."""
-    from umarvel.data.io import read_jsonl
 
     by_qid = {}
     for query in queries:
@@ -171,7 +170,6 @@ def _teacher_rows(path: Path, queries: Sequence[Query], pool: dict[str, Candidat
 
 def _mined_negatives(path: Path, queries: Sequence[Query]) -> list[list[str]]:
     """Negatives per query from a `negatives.jsonl` aligned line by line with the query file."""
-    from umarvel.data.io import read_jsonl
 
     lines = list(read_jsonl(path))
     if len(lines) != len(queries):

@@ -21,6 +21,8 @@ from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.data.mbeir import ROWS, MBeir, Row, read_qrels
 from umarvel.distributed import run_on_main
 from umarvel.evaluation.metrics import bootstrap_interval, hits_at_k, recall_at_k
+from umarvel.retrieval.encode import encode_corpus
+from umarvel.retrieval.index import Index, embedder_record
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +274,6 @@ def render_table(scores: Scores) -> str:
 def _encode(
     embedder: object, items: Sequence[Any], path: Path, role: str, progress: bool, cache_dir: Path | None
 ) -> np.ndarray:
-    from umarvel.retrieval.encode import encode_corpus
 
     return np.load(encode_corpus(embedder, items, path, role, cache_dir=cache_dir, progress=progress))  # type: ignore[arg-type]
 
@@ -305,7 +306,6 @@ def evaluate_mbeir(
         cache_dir: a content-addressed embedding cache shared with other evaluations (e.g. the same
             model on test and val, or with and without re-ranking).
     """
-    from umarvel.retrieval.index import embedder_record
 
     mbeir = MBeir(root, instruction_choice)  # type: ignore[arg-type]
     rows = present_rows(mbeir, split)
@@ -388,7 +388,6 @@ def _search_and_score(
     global_ids: list[str],
 ) -> Scores:
     """Search each row's local pool and the global pool, write the run files, score and write results."""
-    from umarvel.retrieval.index import Index
 
     runs_dir = out_dir / "runs"
     run_id = f"umarvel-{str(fingerprint['weights'])[:12]}"

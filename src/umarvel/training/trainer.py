@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from umarvel.config.io import ConfigError
 from umarvel.config.schema import TrainConfig
 from umarvel.data.collator import Collator, EncodedBatch
+from umarvel.distributed import gather
 from umarvel.losses.contrastive import info_nce
 from umarvel.losses.distillation import distillation_kl
 from umarvel.losses.distributed import world_size
@@ -143,8 +144,6 @@ class LoggedParts:
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            from umarvel.distributed import gather
-
             local = {name: (sum(values), len(values)) for name, values in sorted(self._parts.items())}
             ranks = gather(local)
             for name in local:
