@@ -16,17 +16,9 @@ import csv
 import json
 import os
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _screenshot(url: str, path: Path, query: str) -> str:
@@ -70,12 +62,10 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    import uvicorn
-
     from umarvel.config.schema import EmbedderConfig
     from umarvel.pipeline.index import build_index
     from umarvel.serve.app import Service, create_app
-    from umarvel.testing.load import run_load
+    from umarvel.testing.load import run_load, serve_in_thread
 
     flickr = args.shared_data / "flickr8k-800"
     rows = list(csv.DictReader((flickr / "captions.csv").open(encoding="utf-8")))
@@ -91,15 +81,8 @@ def main() -> None:
     build_index(EmbedderConfig(model=args.model, dtype=args.dtype), pool, work / "index", progress=False)
     index_seconds = time.perf_counter() - started
     service = Service(work / "index")
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    server = serve_in_thread(create_app(service), timeout=600)
+    url = server.__enter__()
     report = asyncio.run(run_load(url, args.clients, args.requests, timeout=600))
     report.update(
         {
@@ -115,8 +98,7 @@ def main() -> None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         report["screenshot"] = str(shot)
         report["screenshot_status_line"] = _screenshot(url, shot, "a dog running through the snow")
-    server.should_exit = True
-    thread.join(timeout=10)
+    server.__exit__(None, None, None)
     shutil.rmtree(work, ignore_errors=True)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -110,3 +110,53 @@ def test_the_embed_endpoint_answers_any_body_without_a_server_error(body, client
     assert response.status_code in (200, 400, 413, 422), (response.status_code, response.text)
     if response.status_code == 200:
         assert len(response.json()["embeddings"]) == len(body["items"])
+
+
+v1_items = (
+    texts
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "text": values,
+            "image": values | st.sampled_from(["data:image/png;base64,aGVsbG8=", "%%"]),
+        },
+    )
+    | st.lists(
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "image_url", "audio"]) | values},
+            optional={"text": values, "image_url": values | st.fixed_dictionaries({"url": values})},
+        ),
+        max_size=2,
+    )
+)
+v1_embedding_bodies = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "model": st.sampled_from(["tiny:composed", "gpt-4"]) | values,
+            "input": v1_items | st.lists(v1_items, max_size=3),
+        },
+        optional={
+            "dimensions": values | st.integers(-2, 70_000),
+            "encoding_format": st.sampled_from(["float", "base64", "int8"]) | values,
+            "input_type": st.sampled_from(["query", "document"]) | values,
+            "instruction": values,
+        },
+    ),
+    st.dictionaries(texts, values, max_size=3),
+    values,
+)
+
+
+@BUDGET
+@given(body=v1_embedding_bodies)
+def test_the_openai_embeddings_route_answers_any_body_with_embeddings_or_an_openai_error(
+    body, client
+) -> None:
+    content = json.dumps(body).encode("utf-8", "surrogatepass")
+    response = client.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
+    assert response.status_code in (200, 400, 404, 413), (response.status_code, response.text)
+    answer = response.json()
+    if response.status_code == 200:
+        assert answer["object"] == "list" and answer["data"]
+    else:
+        assert set(answer["error"]) == {"message", "type", "param", "code"}

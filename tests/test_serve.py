@@ -8,9 +8,6 @@ import base64
 import io
 import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -210,29 +207,12 @@ def test_a_stalled_upload_times_out_with_408() -> None:
     assert b"stalled" in sent[1]["body"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(service: Service) -> str:
-    import uvicorn
+    from umarvel.testing.load import serve_in_thread
 
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(service)) as url:
+        yield url
 
 
 def test_fifty_concurrent_clients_get_answers_and_no_errors(live_server: str) -> None:

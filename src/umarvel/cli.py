@@ -576,13 +576,22 @@ def serve(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="runtime override, e.g. dtype=bfloat16 (not the model)")
     ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="API keys, one per line; also $UMARVEL_API_KEYS (comma-separated)")
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option(help="an origin allowed to call from a browser; repeatable")
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="the model id of /v1 (default: the embedder's model)")
+    ] = None,
 ) -> None:
-    """Serve an index over HTTP: a search page at /, POST /search and /embed, /health, /metrics,
-    and the OpenAPI schema at /docs."""
+    """Serve an index over HTTP: a search page at /, POST /search and /embed, the OpenAI-compatible
+    /v1/embeddings, /v1/models and /v1/rerank, /health, /metrics, and the OpenAPI schema at /docs."""
     import uvicorn
 
     from umarvel.config.stages import check_settings
-    from umarvel.serve.app import ServeLimits, Service, create_app
+    from umarvel.serve.app import ServeLimits, Service, create_app, read_api_keys
 
     config = _config(
         ServeConfig,
@@ -593,11 +602,21 @@ def serve(
         max_k=max_k,
         max_image_mb=max_image_mb,
         settings=set_,
+        api_key_file=api_key_file,
+        cors_origins=cors_origin,
+        served_model_name=served_model_name,
     )
+    keys = read_api_keys(config.api_key_file)
     limits = ServeLimits(max_k=config.max_k, max_image_bytes=int(config.max_image_mb * 1024 * 1024))
-    service = Service(config.index, config.reranker, check_settings(config.settings), limits)
-    console.print(f"serving {index_dir} ({service.index.size} candidates) on http://{host}:{port}/")
-    uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="info")
+    service = Service(
+        config.index, config.reranker, check_settings(config.settings), limits, config.served_model_name
+    )
+    access = f"{len(keys)} API key(s) required" if keys else "no API key required"
+    console.print(
+        f"serving {index_dir} ({service.index.size} candidates) on http://{host}:{port}/ ({access})"
+    )
+    app_ = create_app(service, keys, config.cors_origins)
+    uvicorn.run(app_, host=config.host, port=config.port, log_level="info")
 
 
 @app.command("train-reranker")

@@ -197,6 +197,11 @@ class ServeConfig:
     max_k: int = 100
     max_image_mb: float = 8.0
     settings: tuple[str, ...] = ()
+    # API keys, one per line ('#' starts a comment), added to those in $UMARVEL_API_KEYS (comma-separated);
+    # with none, the server is open (as on loopback it usually should be).
+    api_key_file: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    served_model_name: str | None = None  # the id /v1 requests name; default: the embedder's model
 
     def __post_init__(self) -> None:
         check_settings(self.settings)

@@ -304,6 +304,15 @@ class Embedder(nn.Module):
                     bar.advance(task, len(chosen))
                 yield out
 
+    @torch.inference_mode()
+    def encode_batch(self, items: Sequence[EncodeItem]) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass over `items` as one batch: (N, H) float32 embeddings, and each item's token
+        count (the chat template and visual tokens included), as a server answering a request needs."""
+        self.eval()
+        batch = self.collator(list(items)).to(self.device)
+        vectors = self._infer(batch).float().cpu().numpy()
+        return vectors, batch.inputs["attention_mask"].sum(dim=1).cpu().numpy()
+
     def _infer(self, batch: EncodedBatch) -> torch.Tensor:
         """`forward` for encoding; through a compiled graph when `settings.compile`."""
         if not self.settings.compile:

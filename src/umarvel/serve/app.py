@@ -2,7 +2,11 @@
 
 Endpoints: GET / (a search page), POST /search (multipart: text, image upload, or both; top k;
 optional re-rank), POST /embed (JSON, base64 images), GET /media/{did} (a candidate's image),
-GET /health, GET /metrics (Prometheus), and the OpenAPI schema at /openapi.json.
+GET /health, GET /metrics (Prometheus), the OpenAI-compatible POST /v1/embeddings, GET /v1/models and
+POST /v1/rerank (`serve/v1.py`), and the OpenAPI schema at /openapi.json.
+
+Access: bound to 127.0.0.1 unless told otherwise; with API keys, every request but /health and the page
+needs one; no CORS headers unless origins are given.
 
 Safety: the request body is capped while it streams in (413 past `max_request_bytes`); an upload is
 refused past `max_image_bytes`, and its header is checked against `max_source_pixels` before any pixel
@@ -16,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,10 +37,12 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.media import decode_image_bytes
@@ -41,6 +50,7 @@ from umarvel.data.records import Candidate, Query
 from umarvel.pipeline.index import CANDIDATES_FILE, load_index_embedder, media_path
 from umarvel.reranker.model import Reranker
 from umarvel.reranker.scoring import DEFAULT_WEIGHT, rerank_hits
+from umarvel.serve.v1 import V1_PREFIX, ItemReader, V1Error, add_v1_routes, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +124,9 @@ class _BodyLimit:
 
     @staticmethod
     async def _refuse(scope: dict, receive: Any, send: Any, status: int, detail: str) -> None:
-        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+        v1 = str(scope.get("path", "")).startswith(V1_PREFIX)
+        body = error_body(status, detail) if v1 else {"detail": detail}
+        await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
 class _AsciiJSON(JSONResponse):
@@ -167,6 +179,7 @@ class Service:
         reranker: str | None = None,
         overrides: dict | None = None,
         limits: ServeLimits | None = None,
+        served_model_name: str | None = None,
     ) -> None:
         self.folder = Path(index_dir).resolve()
         self.limits = limits or ServeLimits()
@@ -188,6 +201,10 @@ class Service:
         if reranker is not None:
             self.reranker = Reranker.from_pretrained(reranker)
             self.fusion_weight = float(self.reranker.fusion.get("weight", DEFAULT_WEIGHT))
+        # The ids /v1/models lists and /v1 requests name.
+        self.model_id = served_model_name or str(self.embedder.settings.model)
+        self.reranker_id = None if self.reranker is None else str(self.reranker.settings.model)
+        self.started = int(time.time())
         self.lock = threading.Lock()
 
     def search(
@@ -211,10 +228,64 @@ class Service:
                 return self.embedder.encode_queries(records, progress=False)
             return self.embedder.encode_candidates(records, progress=False)
 
+    def embed_with_usage(self, records: list[Query | Candidate], role: str) -> tuple[np.ndarray, int]:
+        """Embeddings of `records` (queries with their instructions, or candidates) in one batch, and
+        the tokens they took."""
+        items = [self.embedder.to_item(r, None) for r in records]
+        with self.lock:
+            vectors, tokens = self.embedder.encode_batch(items)
+        return vectors, int(tokens.sum())
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI app for `service` (see module docstring)."""
+    def rerank_with_usage(self, query: Query, documents: list[Candidate]) -> tuple[np.ndarray, int]:
+        """P(Yes) of (query, document) for each document, and the tokens the pairs took."""
+        assert self.reranker is not None
+        pairs = [self.reranker.pair(query, document) for document in documents]
+        with self.lock:
+            scores = self.reranker.score(pairs)
+            tokens = int(self.reranker.collator(pairs).inputs["attention_mask"].sum())
+        return scores, tokens
+
+
+def _authorised(request: Request, keys: Collection[str]) -> bool:
+    """Whether the request carries one of `keys` (`Authorization: Bearer KEY` or `X-API-Key: KEY`),
+    compared in constant time against every key."""
+    given = request.headers.get("x-api-key") or ""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        given = token.strip()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(key.encode(), given.encode())
+    return matched and bool(given)
+
+
+def read_api_keys(path: str | Path | None = None) -> frozenset[str]:
+    """API keys from `path` (one per line; blank lines and `#` comments skipped) and from
+    $UMARVEL_API_KEYS (comma-separated)."""
+    keys = {k.strip() for k in os.environ.get("UMARVEL_API_KEYS", "").split(",") if k.strip()}
+    if path is not None:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(path, f"cannot read the API key file: {error}") from None
+        keys.update(line.split("#", 1)[0].strip() for line in lines)
+        keys.discard("")
+    return frozenset(keys)
+
+
+# Open without a key: liveness probes and the page itself (its searches still need the key).
+OPEN_PATHS = frozenset({"/health", "/"})
+
+
+def create_app(service: Service, api_keys: Collection[str] = (), cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app for `service` (see module docstring).
+
+    api_keys: when given, every request but /health and the page must carry one (`Authorization:
+        Bearer KEY`, as OpenAI clients send it, or `X-API-Key`); 401 otherwise.
+    cors_origins: origins allowed to call the API from a browser; none (no CORS headers) by default.
+    """
     limits = service.limits
+    keys = frozenset(k for k in api_keys if k)
     registry = CollectorRegistry()
     requests = Counter(
         "umarvel_requests", "requests by endpoint and status", ["endpoint", "status"], registry=registry
@@ -242,16 +313,47 @@ def create_app(service: Service) -> FastAPI:
         requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
+    @app.middleware("http")
+    async def authorise(request: Request, call_next: Any) -> Response:
+        if keys and request.url.path not in OPEN_PATHS and not _authorised(request, keys):
+            message = "a valid API key is required (Authorization: Bearer KEY)"
+            body = error_body(401, message, code="invalid_api_key") if _v1(request) else {"detail": message}
+            return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    def _v1(request: Request) -> bool:
+        return request.url.path.startswith(V1_PREFIX)
+
+    def answer(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+        body = error_body(status, message, param) if _v1(request) else {"detail": message}
+        return _AsciiJSON(body, status_code=status)
+
+    @app.exception_handler(V1Error)
+    async def v1_error(request: Request, error: V1Error) -> JSONResponse:
+        return _AsciiJSON(
+            error_body(error.status, error.message, error.param, error.code), status_code=error.status
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if not _v1(request):
+            return _AsciiJSON({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+        return answer(request, error.status_code, str(error.detail))
+
     @app.exception_handler(InputError)
     async def bad_input(request: Request, error: InputError) -> JSONResponse:
-        return _AsciiJSON({"detail": str(error)}, status_code=400)
+        return answer(request, 400, str(error))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
         # FastAPI's own answer echoes the input, which may hold a lone surrogate that UTF-8 cannot encode
         # or an Infinity that JSON cannot spell (both a 500). Where and what is wrong, without the
-        # input, in escaped ASCII JSON.
+        # input, in escaped ASCII JSON; on /v1, OpenAI's 400 with the first problem's place as `param`.
         problems = [{k: v for k, v in problem.items() if k != "input"} for problem in error.errors()]
+        if _v1(request):
+            first = problems[0] if problems else {}
+            place = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+            return answer(request, 400, f"invalid request body: {first.get('msg', 'malformed')}", place)
         return _AsciiJSON({"detail": jsonable_encoder(problems)}, status_code=422)
 
     def image_from_bytes(data: bytes) -> Image.Image:
@@ -365,5 +467,13 @@ def create_app(service: Service) -> FastAPI:
             raise HTTPException(404, "no image for this candidate")
         return FileResponse(path)
 
+    add_v1_routes(app, service, ItemReader(image_from_bytes, check_text))
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        )
     app.add_middleware(_BodyLimit, limit=limits.max_request_bytes, timeout=limits.body_timeout_s)
     return app
