@@ -257,5 +257,5 @@ def test_cors_headers_appear_only_for_configured_origins(service: Service) -> No
 def test_a_missing_api_key_file_is_an_input_error_naming_it(tmp_path: Path) -> None:
     from umarvel.data.io import InputError
 
-    with pytest.raises(InputError, match="keys.txt"):
+    with pytest.raises(InputError, match=r"keys\.txt"):
         read_api_keys(tmp_path / "keys.txt")

@@ -585,6 +585,12 @@ def serve(
     served_model_name: Annotated[
         str | None, typer.Option(help="the model id of /v1 (default: the embedder's model)")
     ] = None,
+    max_batch: Annotated[
+        int, typer.Option(help="dynamic batching: most items per model call (0: each request alone)")
+    ] = ServeConfig.max_batch,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="dynamic batching: how long a batch waits for more requests")
+    ] = ServeConfig.max_wait_ms,
 ) -> None:
     """Serve an index over HTTP: a search page at /, POST /search and /embed, the OpenAI-compatible
     /v1/embeddings, /v1/models and /v1/rerank, /health, /metrics, and the OpenAPI schema at /docs."""
@@ -592,6 +598,7 @@ def serve(
 
     from umarvel.config.stages import check_settings
     from umarvel.serve.app import ServeLimits, Service, create_app, read_api_keys
+    from umarvel.serve.batching import Batching
 
     config = _config(
         ServeConfig,
@@ -605,11 +612,19 @@ def serve(
         api_key_file=api_key_file,
         cors_origins=cors_origin,
         served_model_name=served_model_name,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
     )
     keys = read_api_keys(config.api_key_file)
+    batching = Batching(config.max_batch, config.max_wait_ms) if config.max_batch else None
     limits = ServeLimits(max_k=config.max_k, max_image_bytes=int(config.max_image_mb * 1024 * 1024))
     service = Service(
-        config.index, config.reranker, check_settings(config.settings), limits, config.served_model_name
+        config.index,
+        config.reranker,
+        check_settings(config.settings),
+        limits,
+        config.served_model_name,
+        batching,
     )
     access = f"{len(keys)} API key(s) required" if keys else "no API key required"
     console.print(

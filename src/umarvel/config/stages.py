@@ -202,10 +202,18 @@ class ServeConfig:
     api_key_file: str | None = None
     cors_origins: tuple[str, ...] = ()
     served_model_name: str | None = None  # the id /v1 requests name; default: the embedder's model
+    # Dynamic batching: the most items per model call (0 = every request alone, under a lock) and how
+    # long a batch's first request waits for others.
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
 
     def __post_init__(self) -> None:
         check_settings(self.settings)
         _positive(self, "max_k")
+        if self.max_batch < 0 or self.max_wait_ms < 0:
+            raise ValueError(
+                f"need max_batch >= 0 and max_wait_ms >= 0, got {self.max_batch}, {self.max_wait_ms}"
+            )
         if not 0 < self.port < 65536 or self.max_image_mb <= 0:
             raise ValueError(
                 f"need 0 < port < 65536 and max_image_mb > 0, got {self.port}, {self.max_image_mb}"

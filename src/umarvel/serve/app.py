@@ -12,7 +12,8 @@ Safety: the request body is capped while it streams in (413 past `max_request_by
 refused past `max_image_bytes`, and its header is checked against `max_source_pixels` before any pixel
 is decoded; k, texts and /embed batches have limits (422 past them). The server reads only files inside
 its index folder: media are looked up by candidate id, never by a path from the request. Model calls are
-serialised by a lock and run off the event loop.
+gathered into batches across concurrent requests (`serve/batching.py`) and run off the event
+loop; the re-ranker's calls are serialised by a lock.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from umarvel.data.collator import EncodeItem
 from umarvel.data.io import InputError, read_jsonl
 from umarvel.data.media import decode_image_bytes
 from umarvel.data.records import Candidate, Query
 from umarvel.pipeline.index import CANDIDATES_FILE, load_index_embedder, media_path
 from umarvel.reranker.model import Reranker
 from umarvel.reranker.scoring import DEFAULT_WEIGHT, rerank_hits
+from umarvel.serve.batching import Batching, DynamicBatcher, describe
 from umarvel.serve.v1 import V1_PREFIX, ItemReader, V1Error, add_v1_routes, error_body
 
 logger = logging.getLogger(__name__)
@@ -170,6 +173,9 @@ class SearchResponse(BaseModel):
     latency_ms: float
 
 
+DEFAULT_BATCHING = Batching()
+
+
 class Service:
     """What the app serves: the index, its embedder, the candidates, an optional re-ranker."""
 
@@ -180,6 +186,7 @@ class Service:
         overrides: dict | None = None,
         limits: ServeLimits | None = None,
         served_model_name: str | None = None,
+        batching: Batching | None = DEFAULT_BATCHING,
     ) -> None:
         self.folder = Path(index_dir).resolve()
         self.limits = limits or ServeLimits()
@@ -206,35 +213,45 @@ class Service:
         self.reranker_id = None if self.reranker is None else str(self.reranker.settings.model)
         self.started = int(time.time())
         self.lock = threading.Lock()
+        # Without batching every request makes its own model call, one at a time (the lock).
+        self.batcher = (
+            None
+            if batching is None
+            else DynamicBatcher(self._encode_items, batching.max_items, batching.max_wait_ms)
+        )
 
-    def search(
+    def _encode_items(self, items: list[EncodeItem]) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            return self.embedder.encode_batch(items)
+
+    async def encode(self, records: Sequence[Query | Candidate]) -> tuple[np.ndarray, int]:
+        """Embeddings of `records` (queries with their instructions, or candidates) and the tokens they
+        took: through the dynamic batcher (awaited, so a waiting request holds no thread), or alone
+        under the lock. Media are loaded off the event loop."""
+        items = await run_in_threadpool(lambda: [self.embedder.to_item(r, None) for r in records])
+        if self.batcher is not None:
+            vectors, tokens = await self.batcher(items)
+        else:
+            vectors, tokens = await run_in_threadpool(self._encode_items, items)
+        return vectors, int(np.sum(tokens))
+
+    async def search(
         self, query: Query, k: int, rerank: bool, rerank_top: int
     ) -> tuple[list[tuple[str, float]], bool]:
-        with self.lock:
-            vectors = self.embedder.encode_queries([query], progress=False)
-            depth = max(k, rerank_top) if rerank and self.reranker is not None else k
-            found = self.index.search(vectors, depth)
-            ranked = [(d, float(s)) for d, s in zip(found.ids[0], found.scores[0], strict=True) if d]
-            if not (rerank and self.reranker is not None):
-                return ranked[:k], False
-            fused = rerank_hits(
-                self.reranker, query, ranked, self.candidates, rerank_top, float(self.fusion_weight or 0.0)
-            )
-            return fused[:k], True
+        vectors, _ = await self.encode([query])
+        depth = max(k, rerank_top) if rerank and self.reranker is not None else k
+        found = await run_in_threadpool(self.index.search, vectors, depth)
+        ranked = [(d, float(s)) for d, s in zip(found.ids[0], found.scores[0], strict=True) if d]
+        if not (rerank and self.reranker is not None):
+            return ranked[:k], False
+        return (await run_in_threadpool(self._rerank_hits, query, ranked, rerank_top))[:k], True
 
-    def embed(self, records: list[Query], role: str) -> np.ndarray:
+    def _rerank_hits(
+        self, query: Query, ranked: list[tuple[str, float]], top: int
+    ) -> list[tuple[str, float]]:
         with self.lock:
-            if role == "query":
-                return self.embedder.encode_queries(records, progress=False)
-            return self.embedder.encode_candidates(records, progress=False)
-
-    def embed_with_usage(self, records: list[Query | Candidate], role: str) -> tuple[np.ndarray, int]:
-        """Embeddings of `records` (queries with their instructions, or candidates) in one batch, and
-        the tokens they took."""
-        items = [self.embedder.to_item(r, None) for r in records]
-        with self.lock:
-            vectors, tokens = self.embedder.encode_batch(items)
-        return vectors, int(tokens.sum())
+            weight = float(self.fusion_weight or 0.0)
+            return rerank_hits(self.reranker, query, ranked, self.candidates, top, weight)
 
     def rerank_with_usage(self, query: Query, documents: list[Candidate]) -> tuple[np.ndarray, int]:
         """P(Yes) of (query, document) for each document, and the tokens the pairs took."""
@@ -383,6 +400,7 @@ def create_app(service: Service, api_keys: Collection[str] = (), cors_origins: S
             "reranker": None if service.reranker is None else service.reranker.settings.model,
             "fusion_weight": service.fusion_weight,
             "limits": vars(limits),
+            "batching": describe(service.batcher),
         }
 
     @app.get("/metrics", include_in_schema=False)
@@ -413,7 +431,7 @@ def create_app(service: Service, api_keys: Collection[str] = (), cors_origins: S
         if rerank and service.reranker is None:
             raise HTTPException(422, "this server has no re-ranker (start it with --reranker)")
         query = Query(qid="query", text=text, image=picture, instruction=instruction)  # type: ignore[arg-type]
-        hits, reranked = await run_in_threadpool(service.search, query, k, rerank, rerank_top)
+        hits, reranked = await service.search(query, k, rerank, rerank_top)
         results = []
         for rank, (did, score) in enumerate(hits, start=1):
             candidate = service.candidates.get(did)
@@ -454,7 +472,7 @@ def create_app(service: Service, api_keys: Collection[str] = (), cors_origins: S
                 records.append(Query(qid=str(number), text=text, image=picture, instruction=instruction))  # type: ignore[arg-type]
             else:
                 records.append(Candidate(did=str(number), text=text, image=picture))  # type: ignore[arg-type]
-        vectors = await run_in_threadpool(service.embed, records, request.role)
+        vectors, _ = await service.encode(records)
         return {"dim": int(vectors.shape[1]), "embeddings": vectors.round(6).tolist()}
 
     @app.get("/media/{did}", include_in_schema=False)

@@ -240,8 +240,7 @@ def add_v1_routes(app: FastAPI, service: Any, reader: ItemReader) -> None:
                 )  # type: ignore[arg-type]
             else:
                 records.append(Candidate(did=str(number), text=text, image=picture))  # type: ignore[arg-type]
-        role = "query" if request.input_type == "query" else "candidate"
-        vectors, tokens = await run_in_threadpool(service.embed_with_usage, records, role)
+        vectors, tokens = await service.encode(records)
         vectors = matryoshka(vectors, request.dimensions)
         data = [
             {"object": "embedding", "index": i, "embedding": _encoded(v, request.encoding_format)}
