@@ -231,8 +231,17 @@ def index(
     image_root: Annotated[Path | None, typer.Option(help="images are relative to this folder")] = None,
     cache: Annotated[Path | None, typer.Option(help="content-addressed embedding cache folder")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+    backend: Annotated[str, typer.Option(help="faiss (in the folder) | milvus")] = IndexConfig.backend,
+    uri: Annotated[
+        str | None,
+        typer.Option(help="milvus: a Milvus Lite file (default OUT/vectors.db) or http://host:19530"),
+    ] = None,
+    collection: Annotated[
+        str | None, typer.Option(help="milvus: the collection (default umarvel_<OUT name>)")
+    ] = None,
 ) -> None:
-    """Embed a pool and build a FAISS index folder (vectors, ids, manifest naming the embedder)."""
+    """Embed a pool and build an index folder (FAISS, or a Milvus collection), with a manifest naming
+    the embedder."""
     from umarvel.pipeline.stages import run_index
 
     config = _config(
@@ -244,10 +253,14 @@ def index(
         factory=factory,
         image_root=image_root,
         cache=cache,
+        backend=backend,
+        uri=uri,
+        collection=collection,
     )
     check_writable(out, folder=True)
     artifact = run_index(config)
-    console.print(f"indexed {artifact.extra['size']} candidates into {out} ({factory})")
+    where = factory if config.backend == "faiss" else f"Milvus, {config.uri or out / 'vectors.db'}"
+    console.print(f"indexed {artifact.extra['size']} candidates into {out} ({where})")
 
 
 @app.command()

@@ -119,7 +119,8 @@ class IndexConfig:
 
     pool: candidates JSONL (did, txt, img_path, video_path); image_root: media are relative to it
     (default: the pool's folder); factory: FAISS factory string (Flat is exact); cache: a
-    content-addressed embedding cache folder.
+    content-addressed embedding cache folder; backend: faiss, or milvus (the vectors in a Milvus
+    collection at `uri`; the folder keeps the candidates and a record naming the collection).
     """
 
     model: str = "offline"
@@ -129,6 +130,9 @@ class IndexConfig:
     factory: str = "Flat"
     image_root: str | None = None
     cache: str | None = None
+    backend: Literal["faiss", "milvus"] = "faiss"
+    uri: str | None = None  # milvus: a Milvus Lite file (default out/vectors.db) or a server URI
+    collection: str | None = None  # milvus: default umarvel_<out folder name>
 
     def __post_init__(self) -> None:
         check_settings(self.settings)

@@ -24,7 +24,7 @@ from umarvel.data.records import Candidate, Query
 from umarvel.distributed import run_on_main
 from umarvel.pipeline.embed import read_items
 from umarvel.retrieval.encode import encode_corpus
-from umarvel.retrieval.index import Index, SearchResult, embedder_record
+from umarvel.retrieval.index import Index, SearchResult, embedder_record, open_index
 
 CANDIDATES_FILE = "candidates.jsonl"
 MEDIA_DIR = "media"
@@ -56,9 +56,16 @@ def build_index(
     image_root: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    backend: str = "faiss",
+    uri: str | None = None,
+    collection: str | None = None,
 ) -> int:
     """Embed every candidate of `pool_path` (JSONL with did / txt / img_path) into an index folder;
-    returns the number of candidates indexed (`Index.load(out_dir)` opens it)."""
+    returns the number of candidates indexed (`open_index(out_dir)` opens it).
+
+    backend: `faiss` (the index inside the folder, built with `factory`) or `milvus` (the vectors in
+    the collection `collection` at `uri`: a Milvus Lite file, default `out_dir/vectors.db`, or a server;
+    the token comes from $MILVUS_TOKEN)."""
     from umarvel.modeling.embedder import Embedder
 
     out_dir = Path(out_dir)
@@ -70,12 +77,22 @@ def build_index(
             raise InputError(item.source, f"duplicate did {item.did!r} (first at {first[item.did]})")  # type: ignore[union-attr]
         first[item.did] = item.source  # type: ignore[union-attr]
     embedder = Embedder.from_config(config)
-    Index.check_factory(factory, embedder.dim, len(items))
+    if backend == "faiss":
+        Index.check_factory(factory, embedder.dim, len(items))
+    elif backend != "milvus":
+        raise ConfigError(f"backend must be faiss or milvus, got {backend!r}")
     vectors_path = encode_corpus(
         embedder, items, out_dir / "embeddings.npy", "candidate", cache_dir=cache_dir, progress=progress
     )
     # The encoding above was shared among the processes; the index folder is written by rank 0 alone.
-    return run_on_main(_save, embedder, config, items, ids, vectors_path, pool_path, out_dir, factory)
+    store = (backend, uri or str(out_dir / "vectors.db"), collection or _collection_name(out_dir))
+    return run_on_main(_save, embedder, config, items, ids, vectors_path, pool_path, out_dir, factory, store)
+
+
+def _collection_name(folder: Path) -> str:
+    """A Milvus collection name from an index folder's name (letters, digits and underscores)."""
+    name = "".join(c if c.isalnum() else "_" for c in folder.resolve().name)
+    return f"umarvel_{name}"[:255]
 
 
 def _save(
@@ -87,10 +104,20 @@ def _save(
     pool_path: str | Path,
     out_dir: Path,
     factory: str,
+    store: tuple[str, str, str] = ("faiss", "", ""),
 ) -> int:
     """The index, `candidates.jsonl` with the candidates' media, and the manifest, into `out_dir`;
     returns the number of candidates indexed."""
-    index = Index(embedder.dim, factory, embedder_record(embedder))
+    backend, uri, collection = store
+    if backend == "milvus":
+        from umarvel.retrieval.milvus import MilvusIndex  # pymilvus, the optional milvus extra
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        token = os.environ.get("MILVUS_TOKEN")
+        index: Any = MilvusIndex(embedder.dim, uri, collection, embedder_record(embedder), token, fresh=True)
+        factory = index.factory
+    else:
+        index = Index(embedder.dim, factory, embedder_record(embedder))
     index.add(np.load(vectors_path), ids)
     index.save(out_dir)
     write_jsonl(
@@ -145,11 +172,11 @@ def media_path(folder: Path, relative: str | None, where: str) -> Path | None:
     return resolved
 
 
-def load_index_embedder(index_dir: str | Path, overrides: dict | None = None) -> tuple[Index, Any]:
+def load_index_embedder(index_dir: str | Path, overrides: dict | None = None) -> tuple[Any, Any]:
     """The index in `index_dir` and the embedder that built it (runtime `overrides` such as dtype)."""
     from umarvel.modeling.embedder import Embedder
 
-    index = Index.load(index_dir)
+    index = open_index(index_dir)
     record = index.embedder
     numeric = record.get("numeric", {})
     settings = {

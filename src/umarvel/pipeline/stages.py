@@ -154,6 +154,9 @@ def run_index(config: IndexConfig, progress: bool = True) -> Artifact:
         config.image_root,
         config.cache,
         progress=progress,
+        backend=config.backend,
+        uri=config.uri,
+        collection=config.collection,
     )
     return Artifact.of("index", config.out, size=size)
 

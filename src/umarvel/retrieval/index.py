@@ -36,6 +36,22 @@ def embedder_record(embedder: Any) -> dict[str, Any]:
     return {"model": embedder.settings.model, **embedder.identity()}
 
 
+def checked_rows(vectors: np.ndarray, ids: Sequence[str], dim: int, known: set[str]) -> np.ndarray:
+    """`vectors` as contiguous float32 (n, dim), checked against `ids`: one id per row, none repeated
+    or already in `known`."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (n, {dim}), got {vectors.shape}")
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    duplicates = [i for i in ids if i in known]
+    if duplicates or len(set(ids)) != len(ids):
+        raise InputError(
+            None, f"duplicate candidate id {duplicates[0] if duplicates else 'within the batch'}"
+        )
+    return vectors
+
+
 @dataclass
 class SearchResult:
     """Top-k candidate ids and scores per query: (Q, k) arrays, best first; missing slots are ''/-inf."""
@@ -91,17 +107,7 @@ class Index:
 
     def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
         """Append rows; IVF/PQ indexes train on the first batch they are given."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
-        if len(ids) != len(vectors):
-            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        known = set(self.ids)
-        duplicates = [i for i in ids if i in known]
-        if duplicates or len(set(ids)) != len(ids):
-            raise InputError(
-                None, f"duplicate candidate id {duplicates[0] if duplicates else 'within the batch'}"
-            )
+        vectors = checked_rows(vectors, ids, self.dim, set(self.ids))
         if not self.index.is_trained:
             logger.info("training %s on %d vectors", self.factory, len(vectors))
             self.index.train(vectors)
@@ -122,26 +128,9 @@ class Index:
         return SearchResult(ids=ids, scores=np.where(rows >= 0, scores, -np.inf))
 
     def check_embedder(self, record: Mapping[str, Any]) -> None:
-        """Raise IndexMismatchError unless `record` (see `embedder_record`) has the index's weights and
-        embedding definition; numeric settings (dtype, kernel) may differ, since the space is the same."""
-        if not self.embedder:
-            return
-        if record.get("weights") != self.embedder.get("weights"):
-            raise IndexMismatchError(
-                f"this index was built with other weights than those of {record.get('model')!r} "
-                f"(index {str(self.embedder.get('weights'))[:12]}, model {str(record.get('weights'))[:12]}): "
-                "the checkpoint changed since the index was built; rebuild the index"
-            )
-        built, wanted = self.embedder.get("definition", {}), record.get("definition", {})
-        diff = {
-            k: (built.get(k), wanted.get(k))
-            for k in sorted({*built, *wanted})
-            if built.get(k) != wanted.get(k)
-        }
-        if diff:
-            raise IndexMismatchError(
-                f"this index was built with another embedding definition: (index, requested) = {diff}"
-            )
+        """Raise IndexMismatchError unless `record` matches the embedder that built the index (see
+        `check_embedder_record`)."""
+        check_embedder_record(self.embedder, record)
 
     def save(self, folder: str | Path) -> Path:
         """Write `index.faiss`, `ids.json` and `index.json`, which records both files' sha256 (checked by
@@ -219,6 +208,40 @@ class Index:
                 folder / INDEX_FILE, f"dimension {index.index.d}, but {META_FILE} says {meta['dim']}"
             )
         return index
+
+
+def check_embedder_record(built: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    """Raise IndexMismatchError unless `record` (see `embedder_record`) has the weights and embedding
+    definition of `built`, the record of the embedder that built an index; numeric settings (dtype,
+    kernel) may differ, since the space is the same."""
+    if not built:
+        return
+    if record.get("weights") != built.get("weights"):
+        raise IndexMismatchError(
+            f"this index was built with other weights than those of {record.get('model')!r} "
+            f"(index {str(built.get('weights'))[:12]}, model {str(record.get('weights'))[:12]}): "
+            "the checkpoint changed since the index was built; rebuild the index"
+        )
+    made, wanted = built.get("definition", {}), record.get("definition", {})
+    diff = {k: (made.get(k), wanted.get(k)) for k in sorted({*made, *wanted}) if made.get(k) != wanted.get(k)}
+    if diff:
+        raise IndexMismatchError(
+            f"this index was built with another embedding definition: (index, requested) = {diff}"
+        )
+
+
+def open_index(folder: str | Path) -> Any:
+    """The index of a folder written by `umarvel index`: FAISS (`Index`), or the Milvus collection its
+    `index.json` names (`retrieval.milvus.MilvusIndex`)."""
+    folder = Path(folder)
+    if (folder / META_FILE).is_file():
+        meta = _read_json_object(folder / META_FILE)
+        if meta.get("backend") == "milvus":
+            from umarvel.retrieval.milvus import MilvusIndex  # pymilvus, the optional milvus extra
+
+            _check_manifest(folder, meta)
+            return MilvusIndex.load(folder, meta)
+    return Index.load(folder)
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
