@@ -6,6 +6,7 @@ import math
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -120,3 +121,40 @@ def test_a_faked_two_process_world_matches_one_process_holding_the_whole_batch(t
         shard = slice(rank * 4, rank * 4 + 4)
         for got, full in zip(result["grads"], (q.grad, p.grad, h.grad), strict=True):
             torch.testing.assert_close(got, full[shard])
+
+
+def test_matryoshka_at_the_full_width_alone_is_plain_info_nce() -> None:
+    from umarvel.losses.contrastive import matryoshka_info_nce
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    parts, each = matryoshka_info_nce(q, p, 0.05, (16,), symmetric=True)
+    plain = info_nce(q, p, 0.05, symmetric=True)
+    assert set(parts) == set(plain) and set(each) == {f"{name}@16" for name in plain}
+    for name in plain:
+        torch.testing.assert_close(parts[name], plain[name])
+
+
+def test_matryoshka_averages_the_loss_of_each_renormalised_prefix() -> None:
+    from umarvel.losses.contrastive import matryoshka_info_nce
+
+    g = torch.Generator().manual_seed(4)
+    q, p = torch.randn(5, 12, generator=g), torch.randn(5, 12, generator=g)
+    h = torch.randn(5, 2, 12, generator=g)
+    parts, _ = matryoshka_info_nce(q, p, 0.1, (4, 12), negatives=h)
+    norm = torch.nn.functional.normalize
+    short = info_nce(norm(q[:, :4], dim=-1), norm(p[:, :4], dim=-1), 0.1, negatives=norm(h[..., :4], dim=-1))
+    full = info_nce(norm(q, dim=-1), norm(p, dim=-1), 0.1, negatives=norm(h, dim=-1))
+    expected = (short["query_to_candidate"] + full["query_to_candidate"]) / 2
+    torch.testing.assert_close(parts["query_to_candidate"], expected)
+
+
+def test_matryoshka_dimensions_outside_the_embedding_are_refused() -> None:
+    from umarvel.config.schema import TrainConfig
+    from umarvel.losses.contrastive import matryoshka_info_nce
+
+    with pytest.raises(ValueError, match="Matryoshka dimensions"):
+        matryoshka_info_nce(torch.randn(2, 8), torch.randn(2, 8), 0.1, (4, 16))
+    with pytest.raises(ValueError, match="matryoshka_dims"):
+        TrainConfig(loss="distill", matryoshka_dims=(4,))

@@ -91,6 +91,18 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tmp_path: Path, family: str) 
     assert _loss(trainer, batch) < before
 
 
+def test_a_matryoshka_step_lowers_the_loss_and_logs_every_prefix(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, hard_negatives=1, matryoshka_dims=(16, 64))
+    batch = _fixed_batch(trainer)
+    trainer.model.eval()
+    before = _loss(trainer, batch)
+    trainer.create_optimizer()
+    trainer.training_step(trainer.model, batch)
+    trainer.optimizer.step()
+    assert _loss(trainer, batch) < before
+    assert {"matryoshka/query_to_candidate@16", "matryoshka/query_to_candidate@64"} <= set(trainer._parts)
+
+
 def _gradients(trainer: EmbedderTrainer, batch: dict) -> dict[str, torch.Tensor]:
     trainer.model.zero_grad()
     torch.manual_seed(123)

@@ -219,8 +219,13 @@ class TrainConfig:
     loss: LossKind = "infonce"
     distill_top: int = 50
     distill_infonce_weight: float = 0.0
+    # Matryoshka: the InfoNCE loss averaged over these prefix dimensions (each renormalised), so a
+    # prefix of the embedding is itself a usable embedding (`dimensions` of /v1/embeddings). Empty: off.
+    matryoshka_dims: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.matryoshka_dims and (self.loss != "infonce" or any(d < 1 for d in self.matryoshka_dims)):
+            raise ValueError("matryoshka_dims needs loss: infonce and positive dimensions")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(
                 f"max_steps must be a positive number of steps, or -1 for whole epochs, got {self.max_steps}"

@@ -80,3 +80,41 @@ def info_nce(
             reverse = reverse.masked_fill(duplicate, torch.finfo(reverse.dtype).min)
         parts["candidate_to_query"] = functional.cross_entropy(reverse, target)
     return parts
+
+
+def truncated(embeddings: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """The first `dim` coordinates of each embedding (last axis), L2-normalised again."""
+    if embeddings is None:
+        return None
+    return functional.normalize(embeddings[..., :dim], dim=-1)
+
+
+def matryoshka_info_nce(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    temperature: torch.Tensor | float,
+    dims: tuple[int, ...],
+    negatives: torch.Tensor | None = None,
+    **options: object,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`info_nce` at every prefix dimension in `dims` (Matryoshka representation learning, as
+    sentence-transformers' MatryoshkaLoss trains it): each loss part averaged over the dimensions, and
+    every part at every dimension (`<part>@<dim>`) for logging. List the full dimension to keep it in
+    the objective. With `gather`, embeddings are gathered once per dimension."""
+    width = queries.shape[-1]
+    if not dims or any(d < 1 or d > width for d in dims):
+        raise ValueError(f"Matryoshka dimensions must lie in [1, {width}], got {list(dims)}")
+    each: dict[str, torch.Tensor] = {}
+    totals: dict[str, torch.Tensor] = {}
+    for dim in dims:
+        parts = info_nce(
+            truncated(queries, dim),  # type: ignore[arg-type]
+            truncated(positives, dim),  # type: ignore[arg-type]
+            temperature,
+            negatives=truncated(negatives, dim),
+            **options,  # type: ignore[arg-type]
+        )
+        for name, value in parts.items():
+            each[f"{name}@{dim}"] = value
+            totals[name] = totals.get(name, 0) + value / len(dims)  # type: ignore[assignment]
+    return totals, each

@@ -23,7 +23,7 @@ from umarvel.config.io import ConfigError
 from umarvel.config.schema import TrainConfig
 from umarvel.data.collator import Collator, EncodedBatch
 from umarvel.distributed import gather
-from umarvel.losses.contrastive import info_nce
+from umarvel.losses.contrastive import info_nce, matryoshka_info_nce
 from umarvel.losses.distillation import distillation_kl
 from umarvel.losses.distributed import world_size
 from umarvel.modeling.embedder import Embedder, native_bf16
@@ -260,17 +260,21 @@ class EmbedderTrainer(StageTrainer):
         if negatives is not None:
             negatives = negatives.view(queries.shape[0], config.hard_negatives, -1)  # (N, k, D)
         masking = config.mask_false_negatives
-        parts = info_nce(
-            queries,
-            embedded["positives"],
-            temperature,
-            negatives=negatives,
-            positive_ids=inputs["positive_ids"] if masking else None,
-            negative_ids=inputs.get("negative_ids") if masking else None,
-            relevant_ids=inputs.get("relevant_ids") if masking else None,
-            symmetric=config.symmetric,
-            gather=gather,
-        )
+        options: dict[str, Any] = {
+            "positive_ids": inputs["positive_ids"] if masking else None,
+            "negative_ids": inputs.get("negative_ids") if masking else None,
+            "relevant_ids": inputs.get("relevant_ids") if masking else None,
+            "symmetric": config.symmetric,
+            "gather": gather,
+        }
+        if config.matryoshka_dims:
+            parts, each = matryoshka_info_nce(
+                queries, embedded["positives"], temperature, config.matryoshka_dims, negatives, **options
+            )
+            for name, value in each.items():
+                self._parts[f"matryoshka/{name}"].append(float(value.detach()))
+        else:
+            parts = info_nce(queries, embedded["positives"], temperature, negatives=negatives, **options)
         return self._record(parts) * scale
 
     def _record(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
