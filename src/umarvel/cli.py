@@ -226,8 +226,14 @@ def index(
     pool: Annotated[Path, typer.Option(help="candidates JSONL (did, txt, img_path)")],
     out: Annotated[Path, typer.Option(help="index folder to write")],
     factory: Annotated[
-        str, typer.Option(help="FAISS factory: Flat (exact), IVF1024,Flat, HNSW32, ...")
+        str,
+        typer.Option(
+            help="FAISS factory: Flat (exact), SQ8 (int8), Binary (1 bit), IVF1024,Flat, HNSW32, ..."
+        ),
     ] = IndexConfig.factory,
+    rescore: Annotated[
+        int, typer.Option(help="keep float vectors; rank RESCORE x k candidates of a compact index exactly")
+    ] = IndexConfig.rescore,
     image_root: Annotated[Path | None, typer.Option(help="images are relative to this folder")] = None,
     cache: Annotated[Path | None, typer.Option(help="content-addressed embedding cache folder")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
@@ -256,6 +262,7 @@ def index(
         backend=backend,
         uri=uri,
         collection=collection,
+        rescore=rescore,
     )
     check_writable(out, folder=True)
     artifact = run_index(config)
@@ -767,6 +774,32 @@ def pipeline(
     status = run_pipeline(config, from_, until)
     for name, state in status.items():
         console.print(f"{name}: {state}")
+
+
+export_app = _App(no_args_is_help=True, help="Export the embedder to other runtimes.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx_command(
+    model: Annotated[str, typer.Argument(help="offline, tiny:composed or a composed checkpoint folder")],
+    out: Annotated[Path, typer.Argument(help="folder for text.onnx, image.onnx and the processor")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+) -> None:
+    """Export the embedder's text and image paths to ONNX (float32; run them with onnxruntime through
+    `umarvel.modeling.export.OnnxEmbedder`)."""
+    from umarvel.config.stages import check_settings
+    from umarvel.modeling.export import export_onnx
+
+    try:
+        overrides = check_settings(tuple(set_ or ()))
+    except ValueError as error:
+        _fail(ConfigError(str(error)))
+    check_writable(out, folder=True)
+    record = export_onnx(model, out, overrides)
+    console.print(
+        f"wrote {out}/text.onnx and {out}/image.onnx (dim {record['dim']}, {record['export_seconds']} s)"
+    )
 
 
 @app.command("make-mini-mbeir")

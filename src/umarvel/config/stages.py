@@ -133,9 +133,12 @@ class IndexConfig:
     backend: Literal["faiss", "milvus"] = "faiss"
     uri: str | None = None  # milvus: a Milvus Lite file (default out/vectors.db) or a server URI
     collection: str | None = None  # milvus: default umarvel_<out folder name>
+    rescore: int = 0  # keep float vectors; rank rescore * k candidates of a compact index exactly
 
     def __post_init__(self) -> None:
         check_settings(self.settings)
+        if self.rescore < 0:
+            raise ValueError(f"rescore must be 0 (off) or a positive multiple of k, got {self.rescore}")
 
 
 @dataclass(frozen=True)

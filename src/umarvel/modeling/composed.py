@@ -145,7 +145,8 @@ class ComposedModel(PreTrainedModel):
         tower = self.vision_tower
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         frozen = not tower.training and not recording
-        if not frozen or self.feature_cache_bytes <= 0:
+        # A graph being traced (compile, ONNX export) computes features; the cache is Python state.
+        if not frozen or self.feature_cache_bytes <= 0 or torch.compiler.is_compiling():
             return self.visual_pool(tower.forward_features(pixel_values))
         cache: OrderedDict = self.__dict__.setdefault("_feature_cache", OrderedDict())  # not in state dict
         version = tuple(p._version for p in tower.parameters())
@@ -182,7 +183,7 @@ class ComposedModel(PreTrainedModel):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             visual = self.image_features(pixel_values.to(self.vision_dtype))  # (n, T, H)
             slots = input_ids == self.config.image_token_id  # (B, L)
-            if int(slots.sum()) != visual.shape[0] * visual.shape[1]:
+            if not torch.compiler.is_compiling() and int(slots.sum()) != visual.shape[0] * visual.shape[1]:
                 raise ValueError(
                     f"{int(slots.sum())} image placeholder tokens but {visual.shape[0]} images x "
                     f"{visual.shape[1]} visual tokens"

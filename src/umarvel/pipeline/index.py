@@ -59,13 +59,15 @@ def build_index(
     backend: str = "faiss",
     uri: str | None = None,
     collection: str | None = None,
+    rescore: int = 0,
 ) -> int:
     """Embed every candidate of `pool_path` (JSONL with did / txt / img_path) into an index folder;
     returns the number of candidates indexed (`open_index(out_dir)` opens it).
 
     backend: `faiss` (the index inside the folder, built with `factory`) or `milvus` (the vectors in
     the collection `collection` at `uri`: a Milvus Lite file, default `out_dir/vectors.db`, or a server;
-    the token comes from $MILVUS_TOKEN)."""
+    the token comes from $MILVUS_TOKEN); rescore: keep the float vectors and rank `rescore * k`
+    candidates of a compact index (SQ8, Binary) by their exact score."""
     from umarvel.modeling.embedder import Embedder
 
     out_dir = Path(out_dir)
@@ -86,7 +88,9 @@ def build_index(
     )
     # The encoding above was shared among the processes; the index folder is written by rank 0 alone.
     store = (backend, uri or str(out_dir / "vectors.db"), collection or _collection_name(out_dir))
-    return run_on_main(_save, embedder, config, items, ids, vectors_path, pool_path, out_dir, factory, store)
+    return run_on_main(
+        _save, embedder, config, items, ids, vectors_path, pool_path, out_dir, factory, store, rescore
+    )
 
 
 def _collection_name(folder: Path) -> str:
@@ -105,6 +109,7 @@ def _save(
     out_dir: Path,
     factory: str,
     store: tuple[str, str, str] = ("faiss", "", ""),
+    rescore: int = 0,
 ) -> int:
     """The index, `candidates.jsonl` with the candidates' media, and the manifest, into `out_dir`;
     returns the number of candidates indexed."""
@@ -117,7 +122,7 @@ def _save(
         index: Any = MilvusIndex(embedder.dim, uri, collection, embedder_record(embedder), token, fresh=True)
         factory = index.factory
     else:
-        index = Index(embedder.dim, factory, embedder_record(embedder))
+        index = Index(embedder.dim, factory, embedder_record(embedder), rescore=rescore)
     index.add(np.load(vectors_path), ids)
     index.save(out_dir)
     write_jsonl(

@@ -157,6 +157,7 @@ def run_index(config: IndexConfig, progress: bool = True) -> Artifact:
         backend=config.backend,
         uri=config.uri,
         collection=config.collection,
+        rescore=config.rescore,
     )
     return Artifact.of("index", config.out, size=size)
 

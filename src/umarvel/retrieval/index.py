@@ -7,10 +7,10 @@ dimension, embedder fingerprint and settings). Searching with another embedder i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,18 @@ from umarvel.config.io import ConfigError
 from umarvel.config.manifest import MANIFEST
 from umarvel.data.io import InputError, atomic_write, write_json
 from umarvel.errors import UserError
+from umarvel.retrieval.search import SearchResult, top_k
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.json", "index.json"
+VECTORS_FILE = "vectors.npy"  # the float vectors of an index that rescores
+BINARY = "Binary"
+
+
+def binary_codes(vectors: np.ndarray) -> np.ndarray:
+    """One bit per dimension, set where the coordinate is positive, packed 8 to a byte: (n, dim / 8)."""
+    return np.packbits(np.asarray(vectors) > 0, axis=1)
 
 
 class IndexMismatchError(UserError):
@@ -52,34 +60,44 @@ def checked_rows(vectors: np.ndarray, ids: Sequence[str], dim: int, known: set[s
     return vectors
 
 
-@dataclass
-class SearchResult:
-    """Top-k candidate ids and scores per query: (Q, k) arrays, best first; missing slots are ''/-inf."""
-
-    ids: list[list[str]]
-    scores: np.ndarray
-
-
 class Index:
     """Inner-product FAISS index (cosine on normalised vectors) with string ids.
 
     Args:
         dim: embedding dimension.
-        factory: a FAISS factory string: "Flat" (exact, default), "IVF1024,Flat", "HNSW32",
-            "IVF1024,PQ64", ...
+        factory: a FAISS factory string: "Flat" (exact, default), "SQ8" (int8 codes, 4x smaller),
+            "IVF1024,Flat", "HNSW32", "IVF1024,PQ64", ..., or "Binary" (one bit per dimension, the
+            sign, 32x smaller, searched by Hamming distance; dim must be a multiple of 8).
         embedder: the record of the embedder whose vectors go in (see `embedder_record`).
         nprobe: IVF lists visited per query (ignored by other indexes).
+        rescore: when > 0, keep the float vectors too; a search takes `rescore * k` candidates from the
+            compact index and ranks them by their exact inner product (float rescoring).
     """
 
     def __init__(
-        self, dim: int, factory: str = "Flat", embedder: Mapping[str, Any] | None = None, nprobe: int = 32
+        self,
+        dim: int,
+        factory: str = "Flat",
+        embedder: Mapping[str, Any] | None = None,
+        nprobe: int = 32,
+        rescore: int = 0,
     ) -> None:
         import faiss
 
-        self.dim, self.factory, self.nprobe = dim, factory, nprobe
+        self.dim, self.factory, self.nprobe, self.rescore = dim, factory, nprobe, rescore
         self.embedder = dict(embedder or {})
-        self.index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if factory == BINARY:
+            if dim % 8:
+                raise ConfigError(f"a binary index needs a dimension divisible by 8, got {dim}")
+            self.index = faiss.IndexBinaryFlat(dim)
+        else:
+            self.index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         self.ids: list[str] = []
+        self.vectors = np.zeros((0, dim), dtype=np.float32)  # kept only when rescoring
+
+    @property
+    def binary(self) -> bool:
+        return self.factory == BINARY
 
     @property
     def size(self) -> int:
@@ -91,6 +109,10 @@ class Index:
         IVF index needs at least as many vectors as lists): checked before anything is embedded."""
         import faiss
 
+        if factory == BINARY:
+            if dim % 8:
+                raise ConfigError(f"a binary index needs a dimension divisible by 8, got {dim}")
+            return
         try:
             built = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:
@@ -106,12 +128,17 @@ class Index:
             )
 
     def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
-        """Append rows; IVF/PQ indexes train on the first batch they are given."""
+        """Append rows; IVF/PQ/SQ indexes train on the first batch they are given."""
         vectors = checked_rows(vectors, ids, self.dim, set(self.ids))
-        if not self.index.is_trained:
-            logger.info("training %s on %d vectors", self.factory, len(vectors))
-            self.index.train(vectors)
-        self.index.add(vectors)
+        if self.binary:
+            self.index.add(binary_codes(vectors))
+        else:
+            if not self.index.is_trained:
+                logger.info("training %s on %d vectors", self.factory, len(vectors))
+                self.index.train(vectors)
+            self.index.add(vectors)
+        if self.rescore:
+            self.vectors = np.concatenate([self.vectors, vectors])
         self.ids.extend(ids)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
@@ -120,12 +147,26 @@ class Index:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"expected queries of shape (n, {self.dim}), got {queries.shape}")
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.nprobe = self.nprobe
-        scores, rows = self.index.search(queries, min(k, max(1, self.size)))
+        depth = min(k * max(1, self.rescore), max(1, self.size))
+        if self.binary:
+            distances, rows = self.index.search(binary_codes(queries), depth)
+            scores = 1.0 - 2.0 * distances.astype(np.float32) / self.dim  # cosine of the sign vectors
+        else:
+            ivf = faiss.try_extract_index_ivf(self.index)
+            if ivf is not None:
+                ivf.nprobe = self.nprobe
+            scores, rows = self.index.search(queries, depth)
+        if self.rescore:
+            scores, rows = self._rescored(queries, rows, min(k, max(1, self.size)))
         ids = [[self.ids[r] if r >= 0 else "" for r in row] for row in rows]
-        return SearchResult(ids=ids, scores=np.where(rows >= 0, scores, -np.inf))
+        return SearchResult(ids=ids, scores=np.where(rows >= 0, scores, -np.inf).astype(np.float32))
+
+    def _rescored(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's shortlist `rows` ranked by the exact inner product with the float vectors."""
+        exact = np.einsum("qd,qcd->qc", queries, self.vectors[np.maximum(rows, 0)])
+        exact = np.where(rows >= 0, exact, -np.inf)
+        order = top_k(exact, k)
+        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
     def check_embedder(self, record: Mapping[str, Any]) -> None:
         """Raise IndexMismatchError unless `record` matches the embedder that built the index (see
@@ -139,25 +180,26 @@ class Index:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        serialized = faiss.serialize_index(self.index).tobytes()
-        ids = json.dumps(self.ids).encode("utf-8")
-        with atomic_write(folder / INDEX_FILE, "wb") as handle:
-            handle.write(serialized)
-        with atomic_write(folder / IDS_FILE, "wb") as handle:
-            handle.write(ids)
+        serialize = faiss.serialize_index_binary if self.binary else faiss.serialize_index
+        files = {INDEX_FILE: serialize(self.index).tobytes(), IDS_FILE: json.dumps(self.ids).encode("utf-8")}
+        if self.rescore:
+            buffer = io.BytesIO()
+            np.save(buffer, self.vectors)
+            files[VECTORS_FILE] = buffer.getvalue()
+        for name, data in files.items():
+            with atomic_write(folder / name, "wb") as handle:
+                handle.write(data)
         write_json(
             folder / META_FILE,
             {
                 "dim": self.dim,
                 "factory": self.factory,
-                "metric": "inner_product",
+                "metric": "hamming" if self.binary else "inner_product",
                 "nprobe": self.nprobe,
+                "rescore": self.rescore,
                 "size": self.size,
                 "embedder": self.embedder,
-                "sha256": {
-                    INDEX_FILE: hashlib.sha256(serialized).hexdigest(),
-                    IDS_FILE: hashlib.sha256(ids).hexdigest(),
-                },
+                "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
             },
         )
         return folder
@@ -176,7 +218,10 @@ class Index:
         missing = [key for key in ("dim", "factory", "embedder", "size") if key not in meta]
         if missing:
             raise InputError(folder / META_FILE, f"malformed index record: no {', '.join(missing)}")
-        raw = {name: (folder / name).read_bytes() for name in (INDEX_FILE, IDS_FILE)}
+        names = (INDEX_FILE, IDS_FILE, VECTORS_FILE) if meta.get("rescore") else (INDEX_FILE, IDS_FILE)
+        if not all((folder / name).is_file() for name in names):
+            raise InputError(folder, f"not an index folder: {', '.join(names)} are needed")
+        raw = {name: (folder / name).read_bytes() for name in names}
         recorded = meta.get("sha256")
         if recorded is None:
             logger.warning("%s: written before index files carried digests; not verified", folder)
@@ -189,11 +234,23 @@ class Index:
                         "was written): rebuild the index with umarvel index",
                     )
         _check_manifest(folder, meta)
-        index = cls(meta["dim"], meta["factory"], meta["embedder"], meta.get("nprobe", 32))
+        index = cls(
+            meta["dim"], meta["factory"], meta["embedder"], meta.get("nprobe", 32), meta.get("rescore", 0)
+        )
+        deserialize = faiss.deserialize_index_binary if index.binary else faiss.deserialize_index
         try:
-            index.index = faiss.deserialize_index(np.frombuffer(raw[INDEX_FILE], dtype=np.uint8))
+            index.index = deserialize(np.frombuffer(raw[INDEX_FILE], dtype=np.uint8))
         except RuntimeError:
             raise InputError(folder / INDEX_FILE, "FAISS cannot read it (truncated or corrupt)") from None
+        if index.rescore:
+            try:
+                index.vectors = np.load(io.BytesIO(raw[VECTORS_FILE]), allow_pickle=False)
+            except ValueError as error:
+                raise InputError(folder / VECTORS_FILE, f"not a NumPy array ({error})") from None
+            if index.vectors.shape != (index.size, index.dim):
+                raise InputError(
+                    folder / VECTORS_FILE, f"shape {index.vectors.shape}, expected {(index.size, index.dim)}"
+                )
         try:
             index.ids = json.loads(raw[IDS_FILE].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -10,12 +10,17 @@ same `SearchResult`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from umarvel.retrieval.index import Index, SearchResult
 
-__all__ = ["SearchResult", "search_vectors", "top_k"]
+@dataclass
+class SearchResult:
+    """Top-k candidate ids and scores per query: (Q, k) arrays, best first; missing slots are ''/-inf."""
+
+    ids: list[list[str]]
+    scores: np.ndarray
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -47,6 +52,8 @@ def search_vectors(
 ) -> SearchResult:
     """The top `k` of `ids` for each query by inner product, through a FAISS index built with `factory`
     ("Flat" is exact)."""
+    from umarvel.retrieval.index import Index  # index.py builds on this module's primitives
+
     index = Index(candidate_vectors.shape[1], factory)
     index.add(candidate_vectors, list(ids))
     return index.search(query_vectors, k)
