@@ -14,6 +14,7 @@ runs as in a single process instead of waiting for ranks that are not there.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import sys
@@ -75,6 +76,18 @@ def world() -> World:
         dist.init_process_group(backend=backend)
         return World(dist.get_rank(), dist.get_world_size())
     return World(0, 1)
+
+
+def _destroy_at_exit() -> None:
+    """Tear the process group down while the interpreter is still whole. A gloo group left for
+    finalisation can abort the process (SIGABRT, "terminate called without an active exception") when
+    its worker threads release tensors after Python is gone; seen intermittently on 2-core CI."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_destroy_at_exit)
 
 
 def barrier() -> None:
