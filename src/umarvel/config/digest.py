@@ -202,7 +202,6 @@ def record_digests(folder: str | Path) -> str:
     """Hash a checkpoint folder just written, store `umarvel_digest.json` in it and return its digest.
 
     The files are read back right after they are written, so they come from the page cache."""
-
     folder = Path(folder)
     paths = content_files(folder)
     values = [hash_file(path) for path in paths]

@@ -393,7 +393,6 @@ def _write_readme(
 
 def benchmark_rows(root: str | Path) -> list[Row]:
     """The rows present in a benchmark folder (those with a test query file), in M-BEIR order."""
-
     root = Path(root)
     return [row for row in ROWS if (root / "query" / "test" / f"mbeir_{row.name}_test.jsonl").is_file()]
 

@@ -140,7 +140,6 @@ def _mbeir_rows(root: Path, source: DataSource, seed: int = 0) -> list[TrainRow]
 def _teacher_rows(path: Path, queries: Sequence[Query], pool: dict[str, Candidate]) -> list[TrainRow]:
     """One row per line of a `teacher.jsonl` (umarvel score): the query, its positives, and the scored
     shortlist with its fused teacher scores."""
-
     by_qid = {}
     for query in queries:
         by_qid.setdefault(query.qid, query)
@@ -170,7 +169,6 @@ def _teacher_rows(path: Path, queries: Sequence[Query], pool: dict[str, Candidat
 
 def _mined_negatives(path: Path, queries: Sequence[Query]) -> list[list[str]]:
     """Negatives per query from a `negatives.jsonl` aligned line by line with the query file."""
-
     lines = list(read_jsonl(path))
     if len(lines) != len(queries):
         raise InputError(

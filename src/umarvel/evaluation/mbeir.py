@@ -306,7 +306,6 @@ def evaluate_mbeir(
         cache_dir: a content-addressed embedding cache shared with other evaluations (e.g. the same
             model on test and val, or with and without re-ranking).
     """
-
     mbeir = MBeir(root, instruction_choice)  # type: ignore[arg-type]
     rows = present_rows(mbeir, split)
     if tasks:
@@ -388,7 +387,6 @@ def _search_and_score(
     global_ids: list[str],
 ) -> Scores:
     """Search each row's local pool and the global pool, write the run files, score and write results."""
-
     runs_dir = out_dir / "runs"
     run_id = f"umarvel-{str(fingerprint['weights'])[:12]}"
 

@@ -245,7 +245,6 @@ class Backbone:
         """What decides this backbone's outputs under `settings` (an embedder's or a re-ranker's
         config): the weights digest, the settings of role `definition`, and the numbers' dtype and
         attention kernel (config/schema.py)."""
-
         values = dataclasses.asdict(settings)
         dtype = next(self.language_model.parameters()).dtype
         return {
@@ -287,7 +286,6 @@ def state_digest(module: nn.Module) -> str:
 def weights_digest(name: str, model: nn.Module) -> str:
     """The digest of the weights `name` refers to: a folder's content digest (cached, so cheap when
     unchanged), a cached hub snapshot's, else the digest of the weights as built (offline, tiny)."""
-
     path = Path(name)
     if path.is_dir():
         return folder_digest(path)

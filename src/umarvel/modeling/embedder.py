@@ -69,7 +69,6 @@ def resolve_config(model: str, overrides: Sequence[str] = ()) -> EmbedderConfig:
     image budgets, video sampling, temperature), then the `key=value` overrides. Numeric and runtime
     settings (dtype, batch size, ...) are the defaults unless overridden. The Python API
     (`Embedder.from_pretrained`) resolves a folder the same way."""
-
     values: dict[str, Any] = {}
     for override in overrides:
         apply_override(values, override)

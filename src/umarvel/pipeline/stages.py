@@ -82,7 +82,6 @@ def run_train_reranker(config: RerankerRunConfig, progress: bool = True) -> Arti
 
 def run_mine(config: MineConfig, progress: bool = True) -> Artifact:
     """Hard negatives with false-negative filters -> negatives.jsonl (and audit.json)."""
-
     rules = NegativeRules(
         k=config.k,
         max_score=config.max_score,

@@ -283,7 +283,6 @@ def run_quickstart(
     output_dir: str | Path = "runs/quickstart", scale: str = "full", console: Any = None
 ) -> dict:
     """Run everything (resumable) and return the stage table as a dict; prints it to `console`."""
-
     settings = SCALES[scale]
     out = Path(output_dir)
     times: dict[str, float] = {}

@@ -97,7 +97,6 @@ def score_pairs(
 ) -> dict[tuple[str, str], float]:
     """P(Yes) of every (qid, did) in `wanted`: cached pairs are read, the others scored chunk by chunk
     and added to `cache`."""
-
     keys = pair_keys(reranker.fingerprint, wanted, queries, candidates)
     missing = list(dict.fromkeys(pair for pair in wanted if keys[pair] not in cache.scores))
     if missing:
