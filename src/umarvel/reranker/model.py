@@ -256,14 +256,22 @@ class Reranker(nn.Module):
         pair = torch.stack([logits[:, self.yes_id], logits[:, self.no_id]], dim=1)
         return torch.softmax(pair, dim=1)[:, 0]
 
-    @torch.inference_mode()
     def iter_scores(self, pairs: Sequence[RerankPair], batch_size: int | None = None) -> Iterator[np.ndarray]:
         """P(Yes) per pair, batch by batch in input order."""
+        for scores, _ in self._scored_batches(pairs, batch_size):
+            yield scores
+
+    @torch.inference_mode()
+    def _scored_batches(
+        self, pairs: Sequence[RerankPair], batch_size: int | None
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """Each batch's P(Yes) and the tokens its pairs took (template and visual tokens included)."""
         batch_size = batch_size or self.settings.batch_size
         self.eval()
         for start, stop in self._batches(pairs, batch_size):
             batch = self.collator(pairs[start:stop]).to(self.device)
-            yield self.p_yes(self(batch)).cpu().numpy()
+            tokens = int(batch.inputs["attention_mask"].sum())
+            yield self.p_yes(self(batch)).cpu().numpy(), tokens
 
     def _batches(self, pairs: Sequence[RerankPair], batch_size: int) -> Iterator[tuple[int, int]]:
         """(start, stop) of each batch, in order: `batch_size` pairs at a time, except that where the
@@ -283,8 +291,16 @@ class Reranker(nn.Module):
 
     def score(self, pairs: Sequence[RerankPair], batch_size: int | None = None) -> np.ndarray:
         """P(Yes) for every pair, (N,) float32."""
-        parts = list(self.iter_scores(pairs, batch_size))
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, dtype=np.float32)
+        return self.score_with_tokens(pairs, batch_size)[0]
+
+    def score_with_tokens(
+        self, pairs: Sequence[RerankPair], batch_size: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """P(Yes) for every pair, (N,) float32, and the tokens the pairs took, as a server reports."""
+        parts = list(self._scored_batches(pairs, batch_size))
+        if not parts:
+            return np.zeros(0, dtype=np.float32), 0
+        return np.concatenate([p for p, _ in parts]).astype(np.float32), sum(t for _, t in parts)
 
 
 def store_fusion(directory: str | Path, fusion: dict[str, Any]) -> None:

@@ -44,6 +44,19 @@ def embedder_record(embedder: Any) -> dict[str, Any]:
     return {"model": embedder.settings.model, **embedder.identity()}
 
 
+def checked_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """`queries` as contiguous float32 (n, dim), or ValueError."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ValueError(f"expected queries of shape (n, {dim}), got {queries.shape}")
+    return queries
+
+
+def _check_binary_dim(dim: int) -> None:
+    if dim % 8:
+        raise ConfigError(f"a binary index needs a dimension divisible by 8, got {dim}")
+
+
 def checked_rows(vectors: np.ndarray, ids: Sequence[str], dim: int, known: set[str]) -> np.ndarray:
     """`vectors` as contiguous float32 (n, dim), checked against `ids`: one id per row, none repeated
     or already in `known`."""
@@ -87,8 +100,7 @@ class Index:
         self.dim, self.factory, self.nprobe, self.rescore = dim, factory, nprobe, rescore
         self.embedder = dict(embedder or {})
         if factory == BINARY:
-            if dim % 8:
-                raise ConfigError(f"a binary index needs a dimension divisible by 8, got {dim}")
+            _check_binary_dim(dim)
             self.index = faiss.IndexBinaryFlat(dim)
         else:
             self.index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -110,8 +122,7 @@ class Index:
         import faiss
 
         if factory == BINARY:
-            if dim % 8:
-                raise ConfigError(f"a binary index needs a dimension divisible by 8, got {dim}")
+            _check_binary_dim(dim)
             return
         try:
             built = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -144,9 +155,7 @@ class Index:
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         import faiss
 
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"expected queries of shape (n, {self.dim}), got {queries.shape}")
+        queries = checked_queries(queries, self.dim)
         depth = min(k * max(1, self.rescore), max(1, self.size))
         if self.binary:
             distances, rows = self.index.search(binary_codes(queries), depth)

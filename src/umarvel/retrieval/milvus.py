@@ -23,7 +23,13 @@ import numpy as np
 
 from umarvel.config.io import ConfigError
 from umarvel.data.io import InputError, write_json
-from umarvel.retrieval.index import META_FILE, SearchResult, check_embedder_record, checked_rows
+from umarvel.retrieval.index import (
+    META_FILE,
+    SearchResult,
+    check_embedder_record,
+    checked_queries,
+    checked_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +80,7 @@ class MilvusIndex:
         self.embedder = dict(embedder or {})
         self.client = _client(uri, token)
         self._ids: set[str] = set()
+        self._loaded = False
         if fresh:
             if self.client.has_collection(collection):
                 logger.warning("Milvus collection %s at %s exists; replacing it", collection, uri)
@@ -117,10 +124,10 @@ class MilvusIndex:
         self.client.flush(self.collection)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"expected queries of shape (n, {self.dim}), got {queries.shape}")
-        self.client.load_collection(self.collection)
+        queries = checked_queries(queries, self.dim)
+        if not self._loaded:  # into memory once per client, not once per search
+            self.client.load_collection(self.collection)
+            self._loaded = True
         found = self.client.search(
             self.collection,
             data=queries.tolist(),
@@ -136,7 +143,9 @@ class MilvusIndex:
             for rank, hit in enumerate(ordered):
                 ids[row][rank] = str(hit["id"])
                 scores[row, rank] = float(hit["distance"])
-        width = min(k, max(1, self.size))
+        # Exact (FLAT) search returns min(k, collection size) hits, Index.search's width, without asking
+        # the server for the size on every search.
+        width = max(1, max((len(hits) for hits in found), default=0))
         return SearchResult(ids=[r[:width] for r in ids], scores=scores[:, :width])
 
     def check_embedder(self, record: Mapping[str, Any]) -> None:

@@ -258,9 +258,7 @@ class Service:
         assert self.reranker is not None
         pairs = [self.reranker.pair(query, document) for document in documents]
         with self.lock:
-            scores = self.reranker.score(pairs)
-            tokens = int(self.reranker.collator(pairs).inputs["attention_mask"].sum())
-        return scores, tokens
+            return self.reranker.score_with_tokens(pairs)
 
 
 def _authorised(request: Request, keys: Collection[str]) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -271,8 +270,3 @@ def add_v1_routes(app: FastAPI, service: Any, reader: ItemReader) -> None:
                 result["document"] = {"text": documents[i].text}
             results.append(result)
         return {"model": model, "results": results, "usage": {"total_tokens": tokens}}
-
-
-def started_at() -> int:
-    """The `created` time of the served models: when the server started (seconds since the epoch)."""
-    return int(time.time())
