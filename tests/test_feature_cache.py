@@ -5,21 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from umarvel.modeling.composed import build_tiny_composed
+from umarvel.modeling.composed import build_tiny_composed, clear_feature_cache
 
 
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    model, _ = build_tiny_composed()
-    model.eval()
-    for parameter in model.vision_tower.parameters():
-        parameter.requires_grad_(False)
+def _counting(model):
     calls: list[int] = []
     forward = model.vision_tower.forward_features
     model.vision_tower.forward_features = lambda pixels: calls.append(len(pixels)) or forward(pixels)
     model.calls = calls
     return model
+
+
+@pytest.fixture
+def model():
+    clear_feature_cache()
+    torch.manual_seed(0)
+    model, _ = build_tiny_composed()
+    model.eval()
+    for parameter in model.vision_tower.parameters():
+        parameter.requires_grad_(False)
+    return _counting(model)
 
 
 def _pixels(n: int, seed: int = 0) -> torch.Tensor:
@@ -77,3 +82,25 @@ def test_a_trainable_encoder_is_served_from_the_cache_while_no_gradient_is_recor
         model.image_features(torch.cat([pixels, pixels]))
         model.image_features(pixels)
     assert model.calls == [2]
+
+
+def test_a_second_model_with_the_same_frozen_encoder_reuses_the_first_ones_features(model) -> None:
+    torch.manual_seed(0)
+    twin, _ = build_tiny_composed()  # the same encoder weights, another language model and projector
+    twin = _counting(twin.eval())
+    pixels = _pixels(2)
+    model.image_features(pixels)
+    with torch.no_grad():
+        twin.image_features(pixels)
+    assert model.calls == [2] and twin.calls == []
+
+
+def test_a_model_with_other_encoder_weights_does_not_see_the_first_ones_features(model) -> None:
+    torch.manual_seed(1)
+    other, _ = build_tiny_composed()
+    other = _counting(other.eval())
+    pixels = _pixels(2)
+    model.image_features(pixels)
+    with torch.no_grad():
+        other.image_features(pixels)
+    assert other.calls == [2]

@@ -73,6 +73,18 @@ def test_p_yes_lies_in_0_1_and_does_not_depend_on_batch_composition(reranker: Re
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_a_bfloat16_reranker_computes_its_answer_logits_in_float32() -> None:
+    # bf16 logits of magnitude 16-32 round to steps of 0.125: P(Yes) then takes a handful of values.
+    ranker = Reranker.from_pretrained("tiny:composed", dtype="bfloat16")
+    batch = ranker.collator(_pairs())
+    with torch.no_grad():
+        answers = ranker.answer_logits(batch)
+        vocabulary = ranker(batch)
+    assert answers.dtype == torch.float32
+    torch.testing.assert_close(answers, vocabulary[:, [ranker.yes_id, ranker.no_id]])
+    assert (answers != answers.bfloat16().float()).any()
+
+
 def test_the_prompt_ends_with_the_generation_prompt_and_holds_both_sides(reranker: Reranker) -> None:
     rendered = reranker.collator.render(_pairs()[1])
     assert rendered.rstrip().endswith("assistant")

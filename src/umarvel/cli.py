@@ -338,6 +338,7 @@ def mine(
     ] = MineConfig.keep_duplicates,
     seed: Annotated[int, typer.Option(help="seed for sampled selection")] = MineConfig.seed,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
+    cache: Annotated[Path | None, typer.Option(help="content-addressed embedding cache folder")] = None,
 ) -> None:
     """Mine hard negatives with false-negative filtering, and write an audit of what was dropped."""
     from umarvel.pipeline.stages import run_mine
@@ -360,6 +361,7 @@ def mine(
         rank_end=rank_end,
         keep_duplicates=keep_duplicates,
         seed=seed,
+        cache=cache,
     )
     check_writable(out, folder=True)
     artifact = run_mine(config)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 Pooling = Literal["mean", "last_token"]
 AttentionMode = Literal["causal", "bidirectional"]
-AttentionKernel = Literal["eager", "sdpa", "flash_attention_2"]
+AttentionKernel = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 SystemPrompt = Literal["auto", "default", "none"]
 InstructionChoice = Literal["hash", "first"]
@@ -49,7 +49,8 @@ class EmbedderConfig:
     Model:
         model: `offline`, `tiny:<family>`, a hub id, or a checkpoint folder.
         dtype / attn_implementation: weights dtype and attention kernel; dtype `auto` is bfloat16 where
-            the hardware computes it natively (a bf16 GPU, or a CPU with AMX / AVX512-BF16), else float32.
+            the hardware computes it natively (a bf16 GPU, or a CPU with AMX / AVX512-BF16), else float32;
+            attention `auto` is eager for training on a CPU (faster backward) and sdpa otherwise.
         visual_tokens: visual tokens per image for the composed backbone (a square number).
     Embedding (U-MARVEL defaults, method doc section 2):
         attention: bidirectional attention in the language model.
@@ -83,7 +84,7 @@ class EmbedderConfig:
 
     model: str = "offline"
     dtype: DType = _setting("float32", "numeric")
-    attn_implementation: AttentionKernel = _setting("sdpa", "numeric")
+    attn_implementation: AttentionKernel = _setting("auto", "numeric")
     visual_tokens: int = _setting(16, "definition")
     attention: AttentionMode = _setting("bidirectional", "definition")
     pooling: Pooling = _setting("mean", "definition")
@@ -269,7 +270,7 @@ class RerankerConfig:
 
     model: str = "offline"
     dtype: DType = _setting("float32", "numeric")
-    attn_implementation: AttentionKernel = _setting("sdpa", "numeric")
+    attn_implementation: AttentionKernel = _setting("auto", "numeric")
     visual_tokens: int = _setting(16, "definition")
     max_text_tokens: int = _setting(256, "definition")
     max_image_pixels: int = _setting(300 * 28 * 28, "definition")

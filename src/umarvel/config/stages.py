@@ -55,6 +55,8 @@ class MineConfig:
         positive's score minus a margin / above a fraction of the positive's score (0.95: NV-Retriever's
         TopK-PercPos). keep_duplicates keeps copies of a positive's text or image.
     selection / rank_start / rank_end: take the top k, or sample k, from that rank window.
+    cache: a content-addressed embedding cache folder (two mining stages from one model, as for the
+        embedder and the re-ranker, then embed the queries and the pool once).
     """
 
     model: str = "offline"
@@ -74,6 +76,7 @@ class MineConfig:
     keep_duplicates: bool = False
     seed: int = 42
     instruction_choice: InstructionChoice = "hash"
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         check_settings(self.settings)

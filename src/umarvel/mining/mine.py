@@ -39,9 +39,11 @@ def mine_negatives(
     shortlist_size: int = 100,
     progress: bool = True,
     instruction_choice: str = "hash",
+    cache_dir: str | Path | None = None,
 ) -> Path:
     """Mine hard negatives for every query of `queries_file` from `pool_file` (both under the M-BEIR
-    `root`) and return the path of `negatives.jsonl`."""
+    `root`) and return the path of `negatives.jsonl`. With `cache_dir`, embeddings come from (and go
+    to) that content-addressed cache."""
     root, out_dir = Path(root), Path(out_dir)
     instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv", instruction_choice)  # type: ignore[arg-type]
     queries = read_queries(root / queries_file, instructions, image_root=root)
@@ -50,10 +52,14 @@ def mine_negatives(
         raise InputError(root, "no queries or no candidates to mine from")
     embeddings = out_dir / "embeddings"
     query_vectors = np.load(
-        encode_corpus(embedder, queries, embeddings / "queries.npy", "query", progress=progress)
+        encode_corpus(
+            embedder, queries, embeddings / "queries.npy", "query", cache_dir=cache_dir, progress=progress
+        )
     )
     pool_vectors = np.load(
-        encode_corpus(embedder, pool, embeddings / "pool.npy", "candidate", progress=progress)
+        encode_corpus(
+            embedder, pool, embeddings / "pool.npy", "candidate", cache_dir=cache_dir, progress=progress
+        )
     )
     # Under several processes the encoding above was shared; the search and the files are rank 0's.
     return run_on_main(

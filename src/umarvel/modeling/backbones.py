@@ -250,8 +250,13 @@ class Backbone:
         return {
             "weights": self.weights_digest(),
             "definition": {k: values[k] for k in fields_with_role(type(settings), "definition")},
-            "numeric": {"dtype": str(dtype).removeprefix("torch."), "attn": settings.attn_implementation},
+            "numeric": {"dtype": str(dtype).removeprefix("torch."), "attn": self.attention_kernel},
         }
+
+    @property
+    def attention_kernel(self) -> str:
+        """The attention kernel the model runs (`auto` resolved)."""
+        return str(getattr(self.model.config, "_attn_implementation", None) or "sdpa")
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last-layer hidden states (B, L, H) for processor outputs `inputs`."""
@@ -306,13 +311,25 @@ def _tiny(family: str) -> tuple[nn.Module, Any]:
         return builder()
 
 
+def resolve_attention(kernel: str, training: bool = False) -> str:
+    """The attention kernel for setting `kernel`: `auto` is eager for training on a CPU (PyTorch's
+    fused CPU attention has a slow backward at these short sequences: eager trains the offline
+    backbone about 1.35x faster, `benchmarks/train_throughput.py`) and sdpa everywhere else."""
+    if kernel != "auto":
+        return kernel
+    return "eager" if training and not torch.cuda.is_available() else "sdpa"
+
+
 def load_backbone(
     name: str,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     visual_tokens: int = 16,
+    training: bool = False,
 ) -> Backbone:
-    """Load a backbone by name (see module docstring); weights in `dtype`, attention kernel as given."""
+    """Load a backbone by name (see module docstring); weights in `dtype`, the attention kernel as
+    `resolve_attention` picks it (for training when `training`)."""
+    attn_implementation = resolve_attention(attn_implementation, training)
     if name == "offline":
         from umarvel.modeling.composed import build_offline
 

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import math
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -138,9 +139,10 @@ class ComposedModel(PreTrainedModel):
 
         While the encoder is frozen (eval mode, and no trainable parameter or no gradient being
         recorded) its output depends on the pixels alone, so it is computed once per distinct image
-        (keyed by the pixel bytes and the encoder weights' version counters) and reused: a training run
-        sees each photo every epoch, GradCache runs every item forward twice a step, and a re-ranking run
-        meets each query's image once per candidate.
+        (keyed by the pixel bytes and a digest of the encoder's weights) and reused: a training run sees
+        each photo every epoch, GradCache runs every item forward twice a step, a re-ranking run meets
+        each query's image once per candidate, and the stages of one pipeline (every model loaded in
+        the process shares the cache) all start from the same frozen encoder.
         """
         tower = self.vision_tower
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
@@ -148,23 +150,45 @@ class ComposedModel(PreTrainedModel):
         # A graph being traced (compile, ONNX export) computes features; the cache is Python state.
         if not frozen or self.feature_cache_bytes <= 0 or torch.compiler.is_compiling():
             return self.visual_pool(tower.forward_features(pixel_values))
-        cache: OrderedDict = self.__dict__.setdefault("_feature_cache", OrderedDict())  # not in state dict
-        version = tuple(p._version for p in tower.parameters())
-        keys = [(version, _pixel_key(image)) for image in pixel_values.detach()]
+        tower_key = self._tower_identity()
+        keys = [(tower_key, _pixel_key(image)) for image in pixel_values.detach()]
         unique = list(dict.fromkeys(keys))
-        missing = [key for key in unique if key not in cache]
+        with _FEATURES_LOCK:
+            hits = {key: _FEATURES[key] for key in unique if key in _FEATURES}
+        missing = [key for key in unique if key not in hits]
         if missing:
             rows = [keys.index(key) for key in missing]
             with torch.no_grad():
-                fresh = self.visual_pool(tower.forward_features(pixel_values[rows]))
-            cache.update(zip(missing, fresh.clone(), strict=True))
-        result = torch.stack([cache[key] for key in keys])
-        for key in unique:
-            cache.move_to_end(key)
+                computed = self.visual_pool(tower.forward_features(pixel_values[rows]))
+            hits.update(zip(missing, computed.clone(), strict=True))
+        result = torch.stack([hits[key] for key in keys])
         entry = result[0].numel() * result.element_size() if len(result) else 1
-        while len(cache) > max(1, self.feature_cache_bytes // entry):
-            cache.popitem(last=False)
+        with _FEATURES_LOCK:
+            _FEATURES.update((key, hits[key]) for key in missing)
+            for key in unique:
+                if key in _FEATURES:
+                    _FEATURES.move_to_end(key)
+            while len(_FEATURES) > max(1, self.feature_cache_bytes // entry):
+                _FEATURES.popitem(last=False)
         return result
+
+    def _tower_identity(self) -> tuple[str, int]:
+        """What the frozen encoder's pooled features depend on besides the pixels: a digest of its
+        weights and buffers (dtype included), recomputed only when a version counter moved, and the
+        pooled grid."""
+        tower = self.vision_tower
+        versions = tuple(t._version for t in (*tower.parameters(), *tower.buffers()))
+        memo = self.__dict__.get("_tower_digest")
+        if memo is None or memo[0] != versions:
+            digest = hashlib.blake2b(digest_size=16)
+            for name, tensor in tower.state_dict().items():
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(
+                    tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+                )
+            memo = (versions, digest.hexdigest())
+            self.__dict__["_tower_digest"] = memo
+        return memo[1], math.isqrt(self.config.visual_tokens)
 
     def forward(
         self,
@@ -200,6 +224,18 @@ class ComposedModel(PreTrainedModel):
         if isinstance(module, nn.Linear) and any(module is m for m in self.projector.modules()):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
+
+
+# The frozen encoders' pooled features, shared by every composed model in the process: (encoder digest,
+# grid, pixel digest) -> (C, g, g), least recently used first; `ComposedModel.feature_cache_bytes` caps it.
+_FEATURES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_FEATURES_LOCK = threading.Lock()
+
+
+def clear_feature_cache() -> None:
+    """Forget every cached image feature (tests; memory)."""
+    with _FEATURES_LOCK:
+        _FEATURES.clear()
 
 
 def _pixel_key(image: torch.Tensor) -> bytes:

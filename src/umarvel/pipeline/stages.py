@@ -105,6 +105,7 @@ def run_mine(config: MineConfig, progress: bool = True) -> Artifact:
         config.shortlist,
         progress,
         config.instruction_choice,
+        config.cache,
     )
     run_on_main(
         write_manifest,

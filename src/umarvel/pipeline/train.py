@@ -35,6 +35,15 @@ from umarvel.testing.mbeir import build_mini_mbeir
 logger = logging.getLogger(__name__)
 
 
+def for_training(settings: Any) -> Any:
+    """An embedder's or re-ranker's config with its attention kernel resolved for training."""
+    from umarvel.modeling.backbones import resolve_attention
+
+    return dataclasses.replace(
+        settings, attn_implementation=resolve_attention(settings.attn_implementation, training=True)
+    )
+
+
 def build_trainer(config: RunConfig, output_dir: Path) -> Any:
     """Load the embedder, open what the stage trains, and build the `EmbedderTrainer` with its data."""
     from umarvel.modeling.embedder import Embedder
@@ -43,7 +52,7 @@ def build_trainer(config: RunConfig, output_dir: Path) -> Any:
 
     if not config.data.train:
         raise ValueError("the recipe has no data.train sources")
-    embedder = Embedder.from_config(config.embedder)
+    embedder = Embedder.from_config(for_training(config.embedder))
     rows = [row for source in config.data.train for row in load_rows(source, seed=config.seed)]
     distill = config.train.loss == "distill"
     dataset = TrainingSet(
@@ -366,7 +375,7 @@ def train_reranker(config: RerankerRunConfig, progress: bool = True) -> Path:
         logger.info("%s: this recipe already finished training here", output_dir)
         return output_dir / "model"
     run_on_main(save_config, config, output_dir / "config.yaml")
-    reranker = Reranker.from_config(config.reranker)
+    reranker = Reranker.from_config(for_training(config.reranker))
     rows = [row for source in config.data.train for row in load_rows(source, seed=config.seed)]
     dataset = RerankSet(rows, config.seed, config.reranker)
     prepare_for_training(reranker, config.train.lora, config.train.trainable_modules, seed=config.seed)

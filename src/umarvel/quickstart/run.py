@@ -70,7 +70,7 @@ DEFINITION = {"attention": "causal", "pooling": "last_token"}
 DEFINITION_SETTINGS = [f"{key}={value}" for key, value in DEFINITION.items()]
 
 SCALES = {
-    "full": QuickstartScale("offline", 8, 10, 12, 8, 12, 6, 16, 0.25, 6, 6),
+    "full": QuickstartScale("offline", 4, 10, 12, 6, 8, 6, 16, 0.25, 6, 6),
     "smoke": QuickstartScale("tiny:composed", 1, 1, 1, 1, 1, 1, 4, 0.2, 4, 6),
 }
 
@@ -213,11 +213,18 @@ def _pipeline(out: Path, root: Path, recipes: dict[str, Path], scale: Quickstart
     """The quickstart as one pipeline recipe (a plain mapping, written to `out/pipeline.yaml`): the
     training stages, an evaluation of every stage on test, the fusion weight tuned on val, U-MARVEL+ on
     test, and the index of the test pool."""
-    mine = {"root": str(root), "shortlist": 40, "max_score": None}
     cache = str(out / "stages" / "embedding_cache")
+    # Both mining stages read A3's embeddings of the training split: the cache embeds them once.
+    mine = {"root": str(root), "shortlist": 40, "max_score": None, "settings": [DTYPE], "cache": cache}
     evaluation = {"root": str(root), "cache": cache, "settings": [DTYPE, *DEFINITION_SETTINGS]}
     test_pool = root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
-    teacher = {"root": str(root), "fraction": scale.teacher_fraction, "top": scale.shortlist, "alpha": 0.5}
+    teacher = {
+        "root": str(root),
+        "fraction": scale.teacher_fraction,
+        "top": scale.shortlist,
+        "alpha": 0.5,
+        "settings": [DTYPE],
+    }
     # U-MARVEL+ re-ranks each query's top 6, so it can change the Recall@5 rows (re-ranking a top k or
     # fewer never changes Recall@k); on the local pools only, since scoring pairs is the slow part on
     # a CPU. The Recall@10 row is unchanged by construction, which the log says.

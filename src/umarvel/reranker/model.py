@@ -204,15 +204,31 @@ class Reranker(nn.Module):
 
     def forward(self, batch: PairBatch) -> torch.Tensor:
         """Next-token logits over the vocabulary at each row's answer position, float32 (B, V)."""
+        return self._logits(self._answer_states(batch), self.output_embedding())
+
+    def answer_logits(self, batch: PairBatch) -> torch.Tensor:
+        """The Yes and No logits at each row's answer position, float32 (B, 2): what scoring needs,
+        without the rest of the vocabulary."""
+        weight = self.output_embedding()
+        return self._logits(self._answer_states(batch), weight[[self.yes_id, self.no_id]])
+
+    def _answer_states(self, batch: PairBatch) -> torch.Tensor:
+        """Last-layer hidden state at each row's answer position (B, H)."""
         positions = batch.answer_positions
         if self.shares_prefix:
             hidden, offset = self._forward_shared(batch)
         else:
             hidden, offset = self.backbone.forward(batch.inputs), 0  # (B, L, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, positions - offset]  # (B, H)
-        weight = self.output_embedding()
-        return (last.to(weight.dtype) @ weight.T).float()
+        return hidden[rows, positions - offset]
+
+    @staticmethod
+    def _logits(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`states @ weight.T` in float32, autocast or not. In bfloat16 logits of magnitude 16 to 32
+        round to steps of 0.125, so P(Yes) took a handful of values (0.245, 0.269, 0.294, ...) and most
+        candidates of a query tied (measured on the quickstart's teacher)."""
+        with torch.autocast(states.device.type, enabled=False):
+            return states.float() @ weight.float().T
 
     def _forward_shared(self, batch: PairBatch) -> tuple[torch.Tensor, int]:
         """Last-layer hidden states after the batch's shared prefix, and that prefix's length.
@@ -252,8 +268,12 @@ class Reranker(nn.Module):
         return out.last_hidden_state, shared
 
     def p_yes(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the Yes and No logits, the Yes side: (B,) in [0, 1]."""
-        pair = torch.stack([logits[:, self.yes_id], logits[:, self.no_id]], dim=1)
+        """Softmax over the Yes and No logits, the Yes side: (B,) in [0, 1]. `logits` are over the
+        vocabulary (B, V), or the answer logits (B, 2) of `answer_logits`."""
+        if logits.shape[1] == 2:
+            pair = logits
+        else:
+            pair = torch.stack([logits[:, self.yes_id], logits[:, self.no_id]], dim=1)
         return torch.softmax(pair, dim=1)[:, 0]
 
     def iter_scores(self, pairs: Sequence[RerankPair], batch_size: int | None = None) -> Iterator[np.ndarray]:
@@ -271,7 +291,7 @@ class Reranker(nn.Module):
         for start, stop in self._batches(pairs, batch_size):
             batch = self.collator(pairs[start:stop]).to(self.device)
             tokens = int(batch.inputs["attention_mask"].sum())
-            yield self.p_yes(self(batch)).cpu().numpy(), tokens
+            yield self.p_yes(self.answer_logits(batch)).cpu().numpy(), tokens
 
     def _batches(self, pairs: Sequence[RerankPair], batch_size: int) -> Iterator[tuple[int, int]]:
         """(start, stop) of each batch, in order: `batch_size` pairs at a time, except that where the
