@@ -70,7 +70,7 @@ DEFINITION = {"attention": "causal", "pooling": "last_token"}
 DEFINITION_SETTINGS = [f"{key}={value}" for key, value in DEFINITION.items()]
 
 SCALES = {
-    "full": QuickstartScale("offline", 4, 10, 12, 6, 8, 6, 16, 0.25, 6, 6),
+    "full": QuickstartScale("offline", 4, 10, 10, 6, 6, 5, 16, 0.25, 6, 6),
     "smoke": QuickstartScale("tiny:composed", 1, 1, 1, 1, 1, 1, 4, 0.2, 4, 6),
 }
 
