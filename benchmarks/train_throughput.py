@@ -7,7 +7,10 @@ machine noise hits them alike:
 - `gradcache`: the B/C-stage path (GradCache, chunk 8) with the frozen image encoder's feature cache;
 - `gradcache, no feature cache`: the same with the cache off (every image through the encoder twice);
 - `plain`: one forward and backward of the whole batch, feature cache on;
-- `plain, checkpointing`: the same with gradient checkpointing (recompute in backward).
+- `plain, checkpointing`: the same with gradient checkpointing (recompute in backward);
+- `plain, sdpa attention`: `plain` with PyTorch's fused attention instead of the kernel training picks
+  (`attn_implementation: auto`: eager on a CPU, whose backward is the faster one at these lengths).
+Every other variant uses the kernel training picks, as `umarvel train` does.
 
 Useful FLOPs are those of the `plain` step without checkpointing, counted by FlopCounterMode; every
 variant is scored against them (recomputation is overhead, not work). The peak is the best of large
@@ -33,7 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.digest_cost import _cpu_flags, _cpu_name
 from benchmarks.encode_flops import matmul_peak
 
-VARIANTS = ("gradcache", "gradcache, no feature cache", "plain", "plain, checkpointing")
+VARIANTS = (
+    "gradcache",
+    "gradcache, no feature cache",
+    "plain",
+    "plain, checkpointing",
+    "plain, sdpa attention",
+)
 
 
 def _rows(batch: int, steps: int):
@@ -59,7 +68,9 @@ def _rows(batch: int, steps: int):
     return rows
 
 
-def _trainer(model: str, batch: int, dtype: str, chunk: int, checkpointing: bool, rows):
+def _trainer(
+    model: str, batch: int, dtype: str, chunk: int, checkpointing: bool, rows, attention: str = "auto"
+):
     from umarvel.config.schema import LoraSettings, TrainConfig
     from umarvel.data.training import TrainingSet
     from umarvel.modeling.embedder import Embedder
@@ -75,7 +86,10 @@ def _trainer(model: str, batch: int, dtype: str, chunk: int, checkpointing: bool
         max_steps=1,
         lora=LoraSettings(rank=8, alpha=16, dropout=0.0),
     )
-    embedder = Embedder.from_pretrained(model, dtype=dtype, max_text_tokens=64)
+    from umarvel.modeling.backbones import resolve_attention
+
+    kernel = resolve_attention(attention, training=True)
+    embedder = Embedder.from_pretrained(model, dtype=dtype, max_text_tokens=64, attn_implementation=kernel)
     prepare_for_training(embedder, config.lora, ("projector",))
     trainer = EmbedderTrainer(
         model=embedder,
@@ -105,7 +119,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from umarvel.modeling.composed import ComposedModel
+    from umarvel.modeling.composed import ComposedModel, clear_feature_cache
     from umarvel.modeling.embedder import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
@@ -114,15 +128,16 @@ def main() -> None:
     peak = max(matmul_peak(torch.device("cpu"), dtype, n) for n in (1024, 2048))
     steps = args.rounds + 1  # one warm-up batch, then a fresh batch per round
     rows = _rows(args.batch, steps)
-    settings = {
-        "gradcache": (8, False, True),
-        "gradcache, no feature cache": (8, False, False),
-        "plain": (0, False, True),
-        "plain, checkpointing": (0, True, True),
+    settings = {  # (GradCache chunk, checkpointing, feature cache, attention)
+        "gradcache": (8, False, True, "auto"),
+        "gradcache, no feature cache": (8, False, False, "auto"),
+        "plain": (0, False, True, "auto"),
+        "plain, checkpointing": (0, True, True, "auto"),
+        "plain, sdpa attention": (0, False, True, "sdpa"),
     }
     trainers = {
-        name: _trainer(args.model, args.batch, dtype_name, chunk, ckpt, rows)
-        for name, (chunk, ckpt, _) in settings.items()
+        name: _trainer(args.model, args.batch, dtype_name, chunk, ckpt, rows, attention)
+        for name, (chunk, ckpt, _, attention) in settings.items()
     }
 
     def inputs(trainer, step: int):
@@ -133,6 +148,7 @@ def main() -> None:
         trainer, embedder = trainers[name]
         cache_on = settings[name][2]
         ComposedModel.feature_cache_bytes = 256 * 2**20 if cache_on else 0
+        clear_feature_cache()  # one cache serves every model in the process: each variant starts cold
         batch = inputs(trainer, step)
         embedder.zero_grad(set_to_none=True)
         started = time.perf_counter()
