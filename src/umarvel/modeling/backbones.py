@@ -325,11 +325,10 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "auto",
     visual_tokens: int = 16,
-    training: bool = False,
 ) -> Backbone:
     """Load a backbone by name (see module docstring); weights in `dtype`, the attention kernel as
-    `resolve_attention` picks it (for training when `training`)."""
-    attn_implementation = resolve_attention(attn_implementation, training)
+    `resolve_attention` picks it for inference (training stages resolve `auto` before loading)."""
+    attn_implementation = resolve_attention(attn_implementation)
     if name == "offline":
         from umarvel.modeling.composed import build_offline
 

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from umarvel.config.digest import cache_dir, file_digest
 from umarvel.errors import UserError
+from umarvel.modeling.backbones import state_digest
 
 logger = logging.getLogger(__name__)
 
@@ -180,13 +181,7 @@ class ComposedModel(PreTrainedModel):
         versions = tuple(t._version for t in (*tower.parameters(), *tower.buffers()))
         memo = self.__dict__.get("_tower_digest")
         if memo is None or memo[0] != versions:
-            digest = hashlib.blake2b(digest_size=16)
-            for name, tensor in tower.state_dict().items():
-                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(
-                    tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
-                )
-            memo = (versions, digest.hexdigest())
+            memo = (versions, state_digest(tower))
             self.__dict__["_tower_digest"] = memo
         return memo[1], math.isqrt(self.config.visual_tokens)
 

@@ -15,6 +15,7 @@ an export config for our unregistered composed model type. Weights are exported 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from torch import nn
 from umarvel.config.io import ConfigError
 from umarvel.data.collator import Collator, EncodedBatch, EncodeItem, resolve_system_prompt
 from umarvel.data.io import InputError, write_json
-from umarvel.modeling.embedder import Embedder
+from umarvel.modeling.embedder import Embedder, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,11 @@ def _export(embedder: Embedder, names: Sequence[str], path: Path, with_images: b
     program.save(str(path))
 
 
-def export_onnx(model: str, out: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export `model` (offline, tiny:composed, or a composed checkpoint) to `out`; returns the record
-    written to `umarvel_onnx.json`."""
-    embedder = Embedder.from_pretrained(model, **{**(settings or {}), "dtype": "float32"})
+def export_onnx(model: str, out: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Export `model` (offline, tiny:composed, or a composed checkpoint) with embedder `overrides`
+    (`key=value`) to `out`, in float32; returns the record written to `umarvel_onnx.json`."""
+    config = dataclasses.replace(resolve_config(model, overrides), dtype="float32")
+    embedder = Embedder.from_config(config)
     family = embedder.backbone.spec.family
     if family != "composed":
         raise ConfigError(

@@ -267,14 +267,10 @@ class Reranker(nn.Module):
         )
         return out.last_hidden_state, shared
 
-    def p_yes(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the Yes and No logits, the Yes side: (B,) in [0, 1]. `logits` are over the
-        vocabulary (B, V), or the answer logits (B, 2) of `answer_logits`."""
-        if logits.shape[1] == 2:
-            pair = logits
-        else:
-            pair = torch.stack([logits[:, self.yes_id], logits[:, self.no_id]], dim=1)
-        return torch.softmax(pair, dim=1)[:, 0]
+    def p_yes(self, answers: torch.Tensor) -> torch.Tensor:
+        """Softmax over the Yes and No logits (B, 2), as `answer_logits` gives them (or
+        `logits[:, [yes_id, no_id]]` of `forward`'s), the Yes side: (B,) in [0, 1]."""
+        return torch.softmax(answers, dim=1)[:, 0]
 
     def iter_scores(self, pairs: Sequence[RerankPair], batch_size: int | None = None) -> Iterator[np.ndarray]:
         """P(Yes) per pair, batch by batch in input order."""

@@ -30,7 +30,7 @@ class RerankerTrainer(StageTrainer):
         targets = torch.where(labels.bool(), reranker.yes_id, reranker.no_id)
         loss = functional.cross_entropy(logits, targets)
         with torch.no_grad():
-            p_yes = reranker.p_yes(logits)
+            p_yes = reranker.p_yes(logits[:, [reranker.yes_id, reranker.no_id]])
             self._parts["loss/answer_ce"].append(float(loss.detach()))
             self._parts["pair_accuracy"].append(float(((p_yes > 0.5).long() == labels).float().mean()))
         return loss, logits
