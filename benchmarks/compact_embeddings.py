@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import flickr8k_test_rows
 from benchmarks.digest_cost import _cpu_flags, _cpu_name
 
 CODES = {
@@ -64,9 +65,7 @@ def main() -> None:
     from umarvel.serve.v1 import matryoshka
 
     folder = args.shared_data / "flickr8k"
-    rows = [
-        r for r in csv.DictReader((folder / "captions.csv").open(encoding="utf-8")) if r["split"] == "test"
-    ]
+    rows = flickr8k_test_rows(args.shared_data)
     # Photos of Flickr8k-800 (what the CPU recipes train on) are left out, so every test photo is unseen.
     seen = {r["image"] for r in csv.DictReader((args.shared_data / "flickr8k-800" / "captions.csv").open())}
     photos = sorted({r["image"] for r in rows} - seen)[: args.photos]

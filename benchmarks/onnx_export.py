@@ -12,7 +12,6 @@ each. Writes onnx_export.json / .md to --output-dir.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import flickr8k_test_rows
 from benchmarks.digest_cost import _cpu_flags, _cpu_name
 
 
@@ -46,8 +46,7 @@ def main() -> None:
     from umarvel.modeling.export import OnnxEmbedder, export_onnx
 
     folder = args.shared_data / "flickr8k"
-    captions_file = csv.DictReader((folder / "captions.csv").open(encoding="utf-8"))
-    rows = [r for r in captions_file if r["split"] == "test"]
+    rows = flickr8k_test_rows(args.shared_data)
     photos = sorted({r["image"] for r in rows})[: args.items]
     captions = {r["image"]: r["caption"] for r in rows}
     work = Path(tempfile.mkdtemp(prefix="onnx-"))
