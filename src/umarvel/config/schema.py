@@ -259,9 +259,9 @@ class RerankerConfig:
     model: `offline`, `tiny:<family>`, a hub id, or a re-ranker folder.
     max_text_tokens: the query text and the candidate text are each cut to this many tokens (256).
     max_image_pixels: images are downscaled to at most this many pixels.
-    batch_size: pairs per forward pass when scoring.
-    share_prefix: run the prompt prefix a batch's pairs share (the instruction, and the query where they
-        are one query's) once, then each pair's own tokens; the composed backbone only, same P(Yes) up
+    batch_size: pairs per forward pass when scoring (whole queries' shortlists where they fit).
+    share_prefix: run the prompt prefix a batch's pairs share once: the instruction once per batch, each
+        query once for its pairs, then each pair's own tokens; the composed backbone only, same P(Yes) up
         to rounding (`reranker/model.py`). Off: every pair in full.
     system_prompt: keep the chat template's default system turn, as for the embedder (`auto`: left out
         for the composed backbone only).
@@ -276,7 +276,7 @@ class RerankerConfig:
     max_image_pixels: int = _setting(300 * 28 * 28, "definition")
     format_text: bool = _setting(True, "definition")
     system_prompt: SystemPrompt = _setting("auto", "definition")
-    batch_size: int = _setting(16, "runtime")
+    batch_size: int = _setting(32, "runtime")
     share_prefix: bool = _setting(True, "runtime")
     video_frames: int = _setting(0, "definition")
     video_fps: float = _setting(2.0, "definition")

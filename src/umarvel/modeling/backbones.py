@@ -269,6 +269,7 @@ class Backbone:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
+        _drop_load_paths(directory / "config.json")
         self.processor.save_pretrained(directory)
         # The source by content, not by path: the same weights saved from two copies of a folder are
         # the same checkpoint.
@@ -276,6 +277,26 @@ class Backbone:
         (directory / CHECKPOINT_FILE).write_text(
             json.dumps({"family": self.spec.family, "source": source}, indent=2)
         )
+
+
+def _drop_load_paths(config_file: Path) -> None:
+    """Remove `_name_or_path` (where each config was loaded from) at every level of a saved config.json:
+    the same weights loaded from the GGUF package or from its converted copy in the cache are the same
+    checkpoint, so their folders must digest alike."""
+    if not config_file.is_file():
+        return
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "_name_or_path"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    config = json.loads(config_file.read_text())
+    cleaned = strip(config)
+    if cleaned != config:
+        config_file.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
 
 
 def state_digest(module: nn.Module) -> str:

@@ -240,15 +240,17 @@ def _pixel_key(image: torch.Tensor) -> bytes:
 
 
 def images_to_tensor(images: list[Image.Image], size: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """Resize (bicubic) to a size x size square and normalise: (n, 3, size, size) float32."""
-    arrays = []
-    for image in images:
-        resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        array = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
-        arrays.append(((array - mean) / std).transpose(2, 0, 1))  # (3, S, S)
-    if not arrays:
+    """Resize (bicubic) to a size x size square and normalise: (n, 3, size, size) float32. An image object
+    that appears several times (one query's photo in each of its re-ranking pairs) is processed once."""
+    if not images:
         return torch.zeros(0, 3, size, size)
-    return torch.from_numpy(np.stack(arrays).astype(np.float32))
+    first = {id(image): i for i, image in reversed(list(enumerate(images)))}
+    distinct = list(dict.fromkeys(first.values()))
+    resized = [np.asarray(images[i].convert("RGB").resize((size, size), Image.BICUBIC)) for i in distinct]
+    pixels = torch.from_numpy(np.stack(resized)).float() / 255.0  # (m, S, S, 3)
+    normalised = ((pixels - torch.from_numpy(mean)) / torch.from_numpy(std)).permute(0, 3, 1, 2)
+    where = {index: row for row, index in enumerate(distinct)}
+    return normalised[[where[first[id(image)]] for image in images]].contiguous()
 
 
 class ComposedProcessor:

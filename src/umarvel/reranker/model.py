@@ -214,13 +214,11 @@ class Reranker(nn.Module):
 
     def _answer_states(self, batch: PairBatch) -> torch.Tensor:
         """Last-layer hidden state at each row's answer position (B, H)."""
-        positions = batch.answer_positions
         if self.shares_prefix:
-            hidden, offset = self._forward_shared(batch)
-        else:
-            hidden, offset = self.backbone.forward(batch.inputs), 0  # (B, L, H)
+            return self._shared_answer_states(batch)
+        hidden = self.backbone.forward(batch.inputs)  # (B, L, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, positions - offset]
+        return hidden[rows, batch.answer_positions]
 
     @staticmethod
     def _logits(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -230,42 +228,81 @@ class Reranker(nn.Module):
         with torch.autocast(states.device.type, enabled=False):
             return states.float() @ weight.float().T
 
-    def _forward_shared(self, batch: PairBatch) -> tuple[torch.Tensor, int]:
-        """Last-layer hidden states after the batch's shared prefix, and that prefix's length.
+    def _shared_answer_states(self, batch: PairBatch) -> torch.Tensor:
+        """Answer-position hidden states (B, H), each shared prompt prefix computed once.
 
-        Every pair opens with the same instruction, and the pairs of one query share the query too. Under
-        causal attention a shared prefix's keys and values do not depend on what follows, so they are
-        computed once (one row) and repeated for the batch; each row then runs only its own tokens. The
-        prefix is shared where the input embeddings, visual tokens included, are equal in every row (and
-        no row pads there), and stops before the earliest answer position. Gradients flow through the
-        repeated cache, so training gets the same saving.
+        Under causal attention a prefix's keys and values do not depend on what follows, so a prefix that
+        several rows share runs once and its cache is repeated for them. Two levels: the prefix every
+        row shares (the instruction), computed on one row; then, for each run of consecutive rows with a
+        longer common prefix (the pairs of one query), that part once per run. Each row then runs only
+        its own tokens (the candidate and the generation prompt). Rows are packed at the start (left
+        padding is undone), so the cache holds padding between the levels: the attention mask hides it
+        and explicit position ids keep every token at its true position. Gradients flow through the
+        repeated caches, so training gets the same saving.
         """
         inputs = batch.inputs
         model = self.backbone.base_model
         embeds = model.input_embeds(inputs["input_ids"], inputs.get("pixel_values"))  # (B, L, H)
-        mask = inputs["attention_mask"]
-        rows = embeds.shape[0]
-        shared = 0
-        if rows > 1:
-            same = (embeds == embeds[:1]).all(dim=-1).all(dim=0) & mask.bool().all(dim=0)  # (L,)
-            shared = min(int(same.int().cumprod(dim=0).sum()), int(batch.answer_positions.min()))
+        mask = inputs["attention_mask"].bool()
+        embeds, mask = _packed(embeds, mask)
+        lengths = mask.sum(dim=1)  # (B,); each row's answer position is its last real token
         language = model.language_model
         # Checkpointed layers return no cache while training.
         checkpointed = self.training and any(
             getattr(m, "gradient_checkpointing", False) for m in language.modules()
         )
-        if shared < MIN_SHARED_PREFIX or checkpointed:
-            return language(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state, 0
-        prefix = language(inputs_embeds=embeds[:1, :shared], use_cache=True)
-        cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
-        cache.batch_repeat_interleave(rows)
-        out = language(
-            inputs_embeds=embeds[:, shared:],
-            attention_mask=mask,
-            use_cache=True,
-            **{_cache_argument(language): cache},
+        plan = _prefix_plan(embeds, mask, lengths)
+        if plan is None or checkpointed:
+            hidden = language(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)
+            rows = torch.arange(embeds.shape[0], device=embeds.device)
+            return hidden.last_hidden_state[rows, lengths - 1]
+        common, groups, spans = plan
+        device = embeds.device
+        cache, past = None, torch.ones(1, 0, dtype=torch.long, device=device)
+        if common:
+            cache = _cache(language(inputs_embeds=embeds[:1, :common], use_cache=True))
+            past = past.new_ones(1, common)
+        # Each run's own shared part, right-padded, once per run.
+        firsts = [run[0] for run in groups]
+        own = [spans[i] - common for i in range(len(groups))]
+        width = max(own)
+        past = past.expand(len(groups), -1)
+        if width:
+            part, part_mask = _right_padded(
+                [embeds[r, common : common + n] for r, n in zip(firsts, own, strict=True)], width
+            )
+            if cache is not None:
+                cache.batch_repeat_interleave(len(groups))
+            step = language(
+                inputs_embeds=part,
+                attention_mask=torch.cat([past, part_mask], dim=1),
+                position_ids=common + torch.arange(width, device=device).expand(len(groups), -1),
+                use_cache=True,
+                **({_cache_argument(language): cache} if cache is not None else {}),
+            )
+            cache, past = _cache(step), torch.cat([past, part_mask], dim=1)
+        # Each row's remaining tokens, with its run's cache.
+        run_of = torch.tensor([g for g, run in enumerate(groups) for _ in run], device=device)
+        starts = torch.tensor([spans[g] for g, run in enumerate(groups) for _ in run], device=device)
+        rest = lengths - starts
+        tail, tail_mask = _right_padded(
+            [
+                embeds[r, s : s + n]
+                for r, (s, n) in enumerate(zip(starts.tolist(), rest.tolist(), strict=True))
+            ],
+            int(rest.max()),
         )
-        return out.last_hidden_state, shared
+        if cache is not None:  # one row per run after level 2, else the single common row
+            cache.reorder_cache(run_of if width else torch.zeros_like(run_of))
+        out = language(
+            inputs_embeds=tail,
+            attention_mask=torch.cat([past[run_of], tail_mask], dim=1),
+            position_ids=starts[:, None] + torch.arange(tail.shape[1], device=device),
+            use_cache=True,
+            **({_cache_argument(language): cache} if cache is not None else {}),
+        )
+        rows = torch.arange(embeds.shape[0], device=device)
+        return out.last_hidden_state[rows, rest - 1]
 
     def p_yes(self, answers: torch.Tensor) -> torch.Tensor:
         """Softmax over the Yes and No logits (B, 2), as `answer_logits` gives them (or
@@ -291,17 +328,17 @@ class Reranker(nn.Module):
 
     def _batches(self, pairs: Sequence[RerankPair], batch_size: int) -> Iterator[tuple[int, int]]:
         """(start, stop) of each batch, in order: `batch_size` pairs at a time, except that where the
-        backbone shares prefixes a batch also ends where the query changes, so its pairs share the whole
-        query and not only the instruction (a query with a single pair shares a batch with the next)."""
+        backbone shares prefixes a batch holds whole runs of one query's pairs where they fit, so the
+        pairs of a query share the query as well as the instruction."""
         start = 0
         while start < len(pairs):
             stop = min(start + batch_size, len(pairs))
-            if self.shares_prefix:
-                run = start + 1
-                while run < stop and pairs[run].query == pairs[start].query:
-                    run += 1
-                if run - start > 1:  # a lone pair joins a batch of others, sharing the instruction
-                    stop = run
+            if self.shares_prefix and stop < len(pairs):
+                cut = stop  # the last query boundary inside the batch, if any
+                while cut > start + 1 and pairs[cut].query == pairs[cut - 1].query:
+                    cut -= 1
+                if cut > start + 1:
+                    stop = cut
             yield start, stop
             start = stop
 
@@ -317,6 +354,72 @@ class Reranker(nn.Module):
         if not parts:
             return np.zeros(0, dtype=np.float32), 0
         return np.concatenate([p for p, _ in parts]).astype(np.float32), sum(t for _, t in parts)
+
+
+def _cache(output: Any) -> Any:
+    """The key/value cache a decoder's forward returned (`cache` from transformers 5.24 on)."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def _packed(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows moved so that each starts with its first real token (undoes left padding); (B, L, H), (B, L)."""
+    starts = mask.int().argmax(dim=1)
+    if not bool(starts.any()):
+        return embeds, mask
+    length = mask.shape[1]
+    order = (torch.arange(length, device=mask.device) + starts[:, None]) % length
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
+    return embeds[rows, order], mask[rows, order]
+
+
+def _right_padded(parts: Sequence[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_i, H) pieces stacked to (N, width, H) with zeros after each, and their (N, width) mask."""
+    first = parts[0]
+    stacked = first.new_zeros(len(parts), width, first.shape[-1])
+    mask = torch.zeros(len(parts), width, dtype=torch.long, device=first.device)
+    for i, part in enumerate(parts):
+        stacked[i, : part.shape[0]] = part
+        mask[i, : part.shape[0]] = 1
+    return stacked, mask
+
+
+def _common_length(equal: torch.Tensor) -> torch.Tensor:
+    """Length of the leading run of True along the last dimension."""
+    return equal.int().cumprod(dim=-1).sum(dim=-1)
+
+
+def _prefix_plan(
+    embeds: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor
+) -> tuple[int, list[list[int]], list[int]] | None:
+    """How a packed batch shares its prompt: the prefix length every row shares, the runs of consecutive
+    rows that share a longer one, and each run's shared length; None where nothing worth a pass is shared.
+    Every shared length stops before the shortest of its rows' answer positions."""
+    rows = embeds.shape[0]
+    if rows < 2:
+        return None
+    shortest = int(lengths.min()) - 1
+    everywhere = (embeds == embeds[:1]).all(dim=-1).all(dim=0) & mask.all(dim=0)  # (L,)
+    common = min(int(_common_length(everywhere)), shortest)
+    if common < MIN_SHARED_PREFIX:
+        common = 0
+    neighbours = (embeds[1:] == embeds[:-1]).all(dim=-1) & mask[1:] & mask[:-1]  # (B-1, L)
+    lcp = _common_length(neighbours).tolist()
+    groups: list[list[int]] = [[0]]
+    for row in range(1, rows):
+        if lcp[row - 1] >= common + MIN_SHARED_PREFIX:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    spans = []
+    for run in groups:
+        if len(run) == 1:
+            spans.append(common)
+        else:
+            inside = min(lcp[r - 1] for r in run[1:])
+            spans.append(min(inside, int(lengths[run].min()) - 1))
+    if not common and all(len(run) == 1 for run in groups):
+        return None
+    return common, groups, spans
 
 
 def store_fusion(directory: str | Path, fusion: dict[str, Any]) -> None:

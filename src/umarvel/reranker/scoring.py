@@ -115,7 +115,12 @@ def score_pairs(
             def score_mine(mine: list[tuple[str, str]] = mine) -> tuple[list[tuple[str, str]], list[float]]:
                 if not mine:  # the last round can leave a rank without a chunk
                     return mine, []
-                pairs = [reranker.pair(queries[q], candidates[d]) for q, d in mine]
+                # One item per record: its media are read once and its pairs share the object.
+                query_items = {q: reranker.item(queries[q], True) for q in dict.fromkeys(q for q, _ in mine)}
+                candidate_items = {
+                    d: reranker.item(candidates[d], False) for d in dict.fromkeys(d for _, d in mine)
+                }
+                pairs = [RerankPair(query_items[q], candidate_items[d]) for q, d in mine]
                 return mine, [float(v) for v in reranker.score(pairs)]
 
             for batch, scores in each_rank_does(score_mine, "re-ranking"):

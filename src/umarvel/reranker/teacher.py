@@ -167,10 +167,18 @@ def score_teacher(
     def score_part(start: int, part: Path) -> None:
         chunk_records = []
         chunk = queries[start : start + chunk_queries]
-        for query, (dids, cosines) in zip(chunk, shortlists[start : start + chunk_queries], strict=True):
+        lists = shortlists[start : start + chunk_queries]
+        # The chunk's pairs in one call, so that a batch holds several queries' shortlists.
+        pairs = []
+        for query, (dids, _) in zip(chunk, lists, strict=True):
             query_item = reranker.item(query, with_instruction=True)
-            pairs = [RerankPair(query_item, reranker.item(by_did[d], with_instruction=False)) for d in dids]
-            p_yes = reranker.score(pairs)
+            pairs.extend(
+                RerankPair(query_item, reranker.item(by_did[d], with_instruction=False)) for d in dids
+            )
+        scores = reranker.score(pairs)
+        ends = np.cumsum([len(dids) for dids, _ in lists]).tolist()
+        for query, (dids, cosines), end in zip(chunk, lists, ends, strict=True):
+            p_yes = scores[end - len(dids) : end]
             weight = alpha_by_task.get(int(query.task_id) if query.task_id is not None else -1, alpha)
             chunk_records.append(
                 {
