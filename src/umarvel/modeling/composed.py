@@ -244,13 +244,16 @@ def images_to_tensor(images: list[Image.Image], size: int, mean: np.ndarray, std
     that appears several times (one query's photo in each of its re-ranking pairs) is processed once."""
     if not images:
         return torch.zeros(0, 3, size, size)
-    first = {id(image): i for i, image in reversed(list(enumerate(images)))}
-    distinct = list(dict.fromkeys(first.values()))
-    resized = [np.asarray(images[i].convert("RGB").resize((size, size), Image.BICUBIC)) for i in distinct]
+    row_of: dict[int, int] = {}  # id of an image object -> its row among the distinct ones
+    distinct: list[Image.Image] = []
+    for image in images:
+        if id(image) not in row_of:
+            row_of[id(image)] = len(distinct)
+            distinct.append(image)
+    resized = [np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)) for image in distinct]
     pixels = torch.from_numpy(np.stack(resized)).float() / 255.0  # (m, S, S, 3)
     normalised = ((pixels - torch.from_numpy(mean)) / torch.from_numpy(std)).permute(0, 3, 1, 2)
-    where = {index: row for row, index in enumerate(distinct)}
-    return normalised[[where[first[id(image)]] for image in images]].contiguous()
+    return normalised[[row_of[id(image)] for image in images]].contiguous()
 
 
 class ComposedProcessor:

@@ -259,12 +259,16 @@ class Reranker(nn.Module):
         common, groups, spans = plan
         device = embeds.device
         cache, past = None, torch.ones(1, 0, dtype=torch.long, device=device)
+
+        def with_cache() -> dict[str, Any]:
+            return {_cache_argument(language): cache} if cache is not None else {}
+
         if common:
             cache = _cache(language(inputs_embeds=embeds[:1, :common], use_cache=True))
             past = past.new_ones(1, common)
         # Each run's own shared part, right-padded, once per run.
         firsts = [run[0] for run in groups]
-        own = [spans[i] - common for i in range(len(groups))]
+        own = [span - common for span in spans]
         width = max(own)
         past = past.expand(len(groups), -1)
         if width:
@@ -278,7 +282,7 @@ class Reranker(nn.Module):
                 attention_mask=torch.cat([past, part_mask], dim=1),
                 position_ids=common + torch.arange(width, device=device).expand(len(groups), -1),
                 use_cache=True,
-                **({_cache_argument(language): cache} if cache is not None else {}),
+                **with_cache(),
             )
             cache, past = _cache(step), torch.cat([past, part_mask], dim=1)
         # Each row's remaining tokens, with its run's cache.
@@ -299,7 +303,7 @@ class Reranker(nn.Module):
             attention_mask=torch.cat([past[run_of], tail_mask], dim=1),
             position_ids=starts[:, None] + torch.arange(tail.shape[1], device=device),
             use_cache=True,
-            **({_cache_argument(language): cache} if cache is not None else {}),
+            **with_cache(),
         )
         rows = torch.arange(embeds.shape[0], device=device)
         return out.last_hidden_state[rows, rest - 1]

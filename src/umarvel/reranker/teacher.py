@@ -168,13 +168,13 @@ def score_teacher(
         chunk_records = []
         chunk = queries[start : start + chunk_queries]
         lists = shortlists[start : start + chunk_queries]
-        # The chunk's pairs in one call, so that a batch holds several queries' shortlists.
+        # The chunk's pairs in one call, so that a batch holds several queries' shortlists; one item per
+        # candidate, so a candidate in several shortlists is read once.
+        items = {d: reranker.item(by_did[d], with_instruction=False) for dids, _ in lists for d in dids}
         pairs = []
         for query, (dids, _) in zip(chunk, lists, strict=True):
             query_item = reranker.item(query, with_instruction=True)
-            pairs.extend(
-                RerankPair(query_item, reranker.item(by_did[d], with_instruction=False)) for d in dids
-            )
+            pairs.extend(RerankPair(query_item, items[d]) for d in dids)
         scores = reranker.score(pairs)
         ends = np.cumsum([len(dids) for dids, _ in lists]).tolist()
         for query, (dids, cosines), end in zip(chunk, lists, ends, strict=True):
