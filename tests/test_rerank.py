@@ -133,6 +133,35 @@ def test_the_sample_is_stratified_seeded_and_covers_every_task() -> None:
     assert [q.qid for q in sample] != [q.qid for q in sample_queries(queries, 0.1, seed=7)]
 
 
+def _record(task: int, cosine: list[float], p_yes: list[float]) -> dict:
+    return {
+        "task_id": task,
+        "candidates": ["a", "b", "c"],
+        "positives": ["b"],
+        "cosine": cosine,
+        "p_yes": p_yes,
+    }
+
+
+def test_a_re_ranker_that_finds_the_positive_gets_weight_and_a_noisy_one_none() -> None:
+    from umarvel.reranker.teacher import choose_alphas
+
+    # Task 0: the embedder ranks the positive second and the re-ranker is sure of it; task 1: the
+    # embedder ranks it first and the re-ranker prefers a negative.
+    records = [_record(0, [0.9, 0.88, 0.8], [0.1, 0.9, 0.2]), _record(1, [0.8, 0.9, 0.7], [0.9, 0.2, 0.1])]
+    chosen = choose_alphas(records, [0.5, 0.75, 1.0])
+    assert chosen["0"][0] == 0.75  # 0.5 and 0.75 both rank it first: the larger wins the tie
+    assert chosen["0"][1] == {0.5: 1.0, 0.75: 1.0, 1.0: 0.5}
+    assert chosen["1"][0] == 1.0
+
+
+def test_the_reciprocal_rank_is_zero_without_a_positive_and_ties_keep_list_order() -> None:
+    from umarvel.reranker.teacher import reciprocal_rank
+
+    assert reciprocal_rank([0.5, 0.5, 0.4], ["a", "b", "c"], ["b"]) == 0.5
+    assert reciprocal_rank([0.5, 0.5, 0.4], ["a", "b", "c"], ["z"]) == 0.0
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Mine -> train R1 (2 steps) -> score the teacher, on the mini M-BEIR with tiny models."""
@@ -249,6 +278,37 @@ def test_a_rerun_of_score_reuses_the_finished_parts(chain: dict[str, Path], monk
         progress=False,
     )
     assert chain["teacher"].read_text() == before
+
+
+def test_a_rerun_of_score_choosing_alpha_from_a_grid_scores_nothing_again(
+    chain: dict[str, Path], monkeypatch, tmp_path: Path
+) -> None:
+    from umarvel.modeling.embedder import Embedder
+    from umarvel.reranker.teacher import choose_alphas, score_teacher
+
+    out = tmp_path / "teacher"
+    shutil.copytree(chain["work"] / "teacher", out)
+    monkeypatch.setattr(Reranker, "score", lambda *a, **k: pytest.fail("a finished part was scored again"))
+    path = score_teacher(
+        Embedder.from_pretrained("tiny:qwen2_vl"),
+        Reranker.from_pretrained(str(chain["r1"])),
+        chain["root"],
+        out,
+        fraction=0.5,
+        top=5,
+        alpha_by_task={3: 0.9},
+        alpha_grid=[0.25, 1.0],
+        chunk_queries=4,
+        progress=False,
+    )
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    chosen = choose_alphas([r for r in records if r["task_id"] != 3], [0.25, 1.0])
+    summary = json.loads((out / "summary.json").read_text())["tasks"]
+    for record in records:
+        alpha = 0.9 if record["task_id"] == 3 else chosen[str(record["task_id"])][0]
+        assert record["alpha"] == summary[str(record["task_id"])]["alpha"] == alpha
+        expected = alpha * np.array(record["cosine"]) + (1 - alpha) * np.array(record["p_yes"])
+        np.testing.assert_allclose(record["teacher"], expected, atol=1e-5)
 
 
 def test_stage_c_training_steps_lower_the_kl_to_the_teacher(chain: dict[str, Path]) -> None:

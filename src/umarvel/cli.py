@@ -691,6 +691,12 @@ def score(
     alpha_task: Annotated[
         list[str] | None, typer.Option(help="per-task alpha, TASK=ALPHA (e.g. 0=0.75); repeatable")
     ] = None,
+    alpha_grid: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="choose each task's alpha from these values by the MRR of its labelled positives; repeatable"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = ScoreConfig.seed,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
 ) -> None:
@@ -711,6 +717,7 @@ def score(
         top=top,
         alpha=alpha,
         alpha_task=alpha_task,
+        alpha_grid=alpha_grid,
         seed=seed,
     )
     check_writable(out, folder=True)

@@ -92,7 +92,9 @@ class ScoreConfig:
     """`umarvel score`: the distillation teacher (method 7.1) from an embedder and a re-ranker.
 
     fraction: share of each task's queries scored; top: shortlist size K per query;
-    alpha: teacher = alpha * cos + (1 - alpha) * P(Yes); alpha_task: per-task `TASK=ALPHA` overrides.
+    alpha: teacher = alpha * cos + (1 - alpha) * P(Yes); alpha_task: per-task `TASK=ALPHA` overrides;
+    alpha_grid: when given, each other task's alpha is the grid value that ranks its scored queries'
+    labelled positives best (`umarvel.reranker.teacher.choose_alphas`).
     """
 
     model: str = "offline"
@@ -106,14 +108,18 @@ class ScoreConfig:
     top: int = 50
     alpha: float = 0.5
     alpha_task: tuple[str, ...] = ()
+    alpha_grid: tuple[float, ...] = ()
     seed: int = 42
     instruction_choice: InstructionChoice = "hash"
 
     def __post_init__(self) -> None:
         check_settings(self.settings)
         _positive(self, "top")
-        if not 0 < self.fraction <= 1 or not 0 <= self.alpha <= 1:
-            raise ValueError(f"need 0 < fraction <= 1 and 0 <= alpha <= 1, got {self.fraction}, {self.alpha}")
+        if not 0 < self.fraction <= 1 or not all(0 <= a <= 1 for a in (self.alpha, *self.alpha_grid)):
+            raise ValueError(
+                f"need 0 < fraction <= 1 and every alpha in [0, 1], got {self.fraction}, "
+                f"{self.alpha}, {list(self.alpha_grid)}"
+            )
 
 
 @dataclass(frozen=True)

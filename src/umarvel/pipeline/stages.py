@@ -137,6 +137,7 @@ def run_score(config: ScoreConfig, progress: bool = True) -> Artifact:
         config.seed,
         progress=progress,
         instruction_choice=config.instruction_choice,
+        alpha_grid=config.alpha_grid,
     )
     return Artifact.of("teacher", path)
 

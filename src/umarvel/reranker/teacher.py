@@ -4,10 +4,18 @@
     embeddings/        resumable query and pool embeddings of the stage-B embedder
     parts/             re-ranker scores, one file per chunk of queries (a rerun skips finished chunks)
     teacher.jsonl      per sampled query: qid, task_id, positives, candidates (top K of its local
-                       training pool), cosine, p_yes, teacher = alpha * cosine + (1 - alpha) * p_yes
-    summary.json       per task: queries, mean P(Yes) of labelled positives and of the rest, and how often
-                       the embedder's and the teacher's top 1 is a labelled positive
+                       training pool), cosine, p_yes, alpha, teacher = alpha * cosine + (1 - alpha) * p_yes
+    summary.json       per task: queries, the alpha used (and, when chosen from a grid, each candidate
+                       alpha's MRR), mean P(Yes) of labelled positives and of the rest, and how often the
+                       embedder's and the teacher's top 1 is a labelled positive
     manifest.json
+
+The parts hold cosines and P(Yes) only: a rerun with another alpha fuses again and scores nothing.
+With `alpha_grid`, each task's alpha is the grid value whose fused score ranks the labelled positives of
+its scored queries best (mean reciprocal rank; ties go to the larger alpha, the one nearer the embedder),
+the automatic form of the official code's per-task weights (method 7.1): a re-ranker that cannot yet
+tell positives apart (a small one trained a few steps) leaves the embedder's scores as the teacher
+instead of distilling its noise.
 """
 
 from __future__ import annotations
@@ -78,6 +86,44 @@ def parse_alphas(pairs: Sequence[str]) -> dict[int, float]:
     return alphas
 
 
+def reciprocal_rank(scores: Sequence[float], candidates: Sequence[str], positives: Sequence[str]) -> float:
+    """1 / rank of the best-scored labelled positive among `candidates` (ties keep list order); 0 when
+    the list holds none."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    wanted = set(positives)
+    for rank, i in enumerate(order, start=1):
+        if candidates[i] in wanted:
+            return 1.0 / rank
+    return 0.0
+
+
+def choose_alphas(
+    records: Sequence[dict[str, Any]], grid: Sequence[float]
+) -> dict[str, tuple[float, dict[float, float]]]:
+    """Per task id (as a string): the grid alpha whose fused score `alpha * cosine + (1 - alpha) * p_yes`
+    gives the highest mean reciprocal rank of the labelled positives, ties to the larger alpha, with the
+    MRR of every grid value."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_task[str(record["task_id"])].append(record)
+    chosen = {}
+    for task, rows in by_task.items():
+        mrr = {}
+        for alpha in sorted(set(grid)):
+            ranks = [
+                reciprocal_rank(
+                    alpha * np.asarray(r["cosine"]) + (1 - alpha) * np.asarray(r["p_yes"]),
+                    r["candidates"],
+                    r["positives"],
+                )
+                for r in rows
+            ]
+            mrr[alpha] = round(float(np.mean(ranks)), 6)
+        best = max(mrr.values())
+        chosen[task] = (max(a for a, value in mrr.items() if value == best), mrr)
+    return chosen
+
+
 def _shortlists(
     queries: Sequence[Query],
     query_vectors: np.ndarray,
@@ -124,10 +170,12 @@ def score_teacher(
     chunk_queries: int = 8,
     progress: bool = True,
     instruction_choice: str = "hash",
+    alpha_grid: Sequence[float] = (),
 ) -> Path:
-    """Write `teacher.jsonl` for a stratified sample of training queries (see module docstring)."""
-    if not 0 <= alpha <= 1:
-        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    """Write `teacher.jsonl` for a stratified sample of training queries (see module docstring).
+    `alpha_by_task` fixes a task's alpha; `alpha_grid` chooses the others' per task (else `alpha`)."""
+    if not all(0 <= a <= 1 for a in (alpha, *alpha_grid)):
+        raise ConfigError(f"alpha and alpha_grid values must be in [0, 1], got {alpha}, {list(alpha_grid)}")
     alpha_by_task = dict(alpha_by_task or {})
     root, out_dir = Path(root), Path(out_dir)
     instructions = Instructions.from_tsv(root / "instructions" / "query_instructions.tsv", instruction_choice)  # type: ignore[arg-type]
@@ -149,15 +197,13 @@ def score_teacher(
     parts.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     chunks = range(0, len(queries), chunk_queries)
-    # A part is named by the digest of everything its records depend on: both models' identities, the
-    # fusion of scores, and its queries' content with their shortlists. A rerun reuses exactly the
-    # parts whose inputs are unchanged and deletes the others.
-
-    identities = {"embedder": embedder.fingerprint, "reranker": reranker.fingerprint}
+    # A part is named by the digest of everything its records depend on: both models' identities and
+    # its queries' content with their shortlists. A rerun reuses exactly the parts whose inputs are
+    # unchanged and deletes the others.
+    settings = {"embedder": embedder.fingerprint, "reranker": reranker.fingerprint}
     shortlisted = {did for dids, _ in shortlists for did in dids}
     content = {did: item_key(by_did[did], "candidate", None, "") for did in shortlisted}
     content.update({q.qid: item_key(q, "query", None, "") for q in queries})
-    settings = {**identities, "alpha": alpha, "alpha_by_task": sorted(alpha_by_task.items())}
     names = [
         f"{number:05d}-{_part_key(settings, content, queries, shortlists, start, chunk_queries)}.jsonl"
         for number, start in enumerate(chunks)
@@ -178,8 +224,6 @@ def score_teacher(
         scores = reranker.score(pairs)
         ends = np.cumsum([len(dids) for dids, _ in lists]).tolist()
         for query, (dids, cosines), end in zip(chunk, lists, ends, strict=True):
-            p_yes = scores[end - len(dids) : end]
-            weight = alpha_by_task.get(int(query.task_id) if query.task_id is not None else -1, alpha)
             chunk_records.append(
                 {
                     "qid": query.qid,
@@ -187,12 +231,7 @@ def score_teacher(
                     "positives": list(query.positives),
                     "candidates": dids,
                     "cosine": [round(c, 6) for c in cosines],
-                    "p_yes": [round(float(p), 6) for p in p_yes],
-                    "alpha": weight,
-                    "teacher": [
-                        round(weight * c + (1 - weight) * float(p), 6)
-                        for c, p in zip(cosines, p_yes, strict=True)
-                    ],
+                    "p_yes": [round(float(p), 6) for p in scores[end - len(dids) : end]],
                 }
             )
         write_jsonl(part, chunk_records)
@@ -215,7 +254,14 @@ def score_teacher(
         embedder,
         reranker,
         root,
-        {"fraction": fraction, "top": top, "alpha": alpha, "alpha_by_task": alpha_by_task, "seed": seed},
+        {
+            "fraction": fraction,
+            "top": top,
+            "alpha": alpha,
+            "alpha_by_task": alpha_by_task,
+            "alpha_grid": list(alpha_grid),
+            "seed": seed,
+        },
     )
 
 
@@ -234,11 +280,27 @@ def _write_teacher(
     root: Path,
     settings: dict[str, Any],
 ) -> Path:
-    """teacher.jsonl from the parts in order, summary.json and the manifest."""
+    """teacher.jsonl from the parts in order, fused with each task's alpha; summary.json and the
+    manifest."""
     records = [record for part in part_files for _, record in read_jsonl(part)]
+    # Records name their task as in the query file (None where it has none, -1 in `alpha_by_task`).
+    fixed = {str(None if task == -1 else task): a for task, a in settings["alpha_by_task"].items()}
+    searched = choose_alphas(records, settings["alpha_grid"]) if settings["alpha_grid"] else {}
+    alphas = {task: chosen for task, (chosen, _) in searched.items()} | fixed
+    for record in records:
+        weight = alphas.get(str(record["task_id"]), settings["alpha"])
+        record["alpha"] = weight
+        record["teacher"] = [
+            round(weight * c + (1 - weight) * p, 6)
+            for c, p in zip(record["cosine"], record["p_yes"], strict=True)
+        ]
     seconds = round(time.perf_counter() - started, 1)
     write_jsonl(out_dir / "teacher.jsonl", records)
     summary = _summary(records)
+    for task, values in summary["tasks"].items():
+        values["alpha"] = alphas.get(task, settings["alpha"])
+        if task in searched and task not in fixed:
+            values["mrr_by_alpha"] = {str(a): mrr for a, mrr in searched[task][1].items()}
     summary["rerank_seconds_this_run"] = seconds
     summary["pairs"] = sum(len(r["candidates"]) for r in records)
     write_json(out_dir / "summary.json", summary)
