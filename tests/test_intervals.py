@@ -80,3 +80,17 @@ def test_pairing_makes_a_small_consistent_gain_significant_where_two_separate_in
     assert step["interval"][0] > 0
     assert bootstrap_interval([base.tolist()])[1] > bootstrap_interval([better.tolist()])[0]
     assert paired_difference(a, b, "global") is None
+
+
+def test_a_difference_over_two_settings_is_the_mean_of_their_averages() -> None:
+    from umarvel.evaluation.mbeir import paired_difference
+
+    a = {
+        "rows": [{"dataset": "mscoco", "task_id": 0, "hits": {"local": [1, 1, 0, 0], "global": [1, 0, 0, 0]}}]
+    }
+    b = {
+        "rows": [{"dataset": "mscoco", "task_id": 0, "hits": {"local": [1, 0, 0, 0], "global": [1, 0, 0, 0]}}]
+    }
+    both = paired_difference(a, b, ("local", "global"))
+    assert both["difference"] == pytest.approx((25.0 + 0.0) / 2)
+    assert set(both["rows"]) == {"mscoco_task0 local", "mscoco_task0 global"}

@@ -370,6 +370,21 @@ def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs
         ranker, root, tmp_path / "ret" / "runs", tmp_path / "t", rows, "val", top=11, grid=(0.0, 1.0)
     )
     assert choice["weight"] in (0.0, 1.0) and choice["split"] == "val"
+    strict = tune_fusion(
+        ranker,
+        root,
+        tmp_path / "ret" / "runs",
+        tmp_path / "strict",
+        rows,
+        "val",
+        top=11,
+        grid=(0.0, 1.0),
+        significant_only=True,
+    )
+    gain = strict["gain_over_weight_0"]
+    significant = gain is not None and gain["interval"][0] > 0
+    assert strict["best"] == choice["weight"]
+    assert strict["weight"] == (choice["weight"] if significant else 0.0)
     zero = rerank_runs(
         ranker, root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=11, weights=(0.0,)
     )

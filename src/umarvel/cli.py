@@ -737,6 +737,9 @@ def tune_fusion_command(
     ] = TuneFusionConfig.rerank_top,
     grid: Annotated[list[float] | None, typer.Option(help="weights to try; repeatable")] = None,
     pool: Annotated[str, typer.Option(help="local | global | both")] = TuneFusionConfig.pool,
+    significant_only: Annotated[
+        bool, typer.Option(help="keep w = 0 unless the best w's gain has a 95% interval above 0")
+    ] = TuneFusionConfig.significant_only,
     set_: Annotated[list[str] | None, typer.Option("--set", help="embedder override key=value")] = None,
 ) -> None:
     """Pick the U-MARVEL+ fusion weight w (cos + w * P(Yes)) on a validation split and store it with
@@ -756,6 +759,7 @@ def tune_fusion_command(
         rerank_top=rerank_top,
         grid=grid,
         pool=pool,
+        significant_only=significant_only,
     )
     check_writable(out, folder=True)
     artifact = run_tune_fusion(config)
@@ -765,6 +769,12 @@ def tune_fusion_command(
     for weight, value in artifact.extra["by_weight"].items():
         table.add_row(weight + (" *" if float(weight) == artifact.extra["weight"] else ""), f"{value:.2f}")
     stdout.print(table)
+    gain = artifact.extra["gain_over_weight_0"]
+    if gain is not None:
+        low, high = gain["interval"]
+        stdout.print(
+            f"w = {artifact.extra['best']} vs w = 0: {gain['difference']:+.2f} [{low:+.1f}, {high:+.1f}]"
+        )
 
 
 @app.command()

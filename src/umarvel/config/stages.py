@@ -181,7 +181,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TuneFusionConfig:
     """`umarvel tune-fusion`: choose the U-MARVEL+ weight on a validation split (never test) from
-    `grid`, by the mean of the local and global averages, and store it with the re-ranker."""
+    `grid`, by the mean of the local and global averages, and store it with the re-ranker;
+    `significant_only` keeps weight 0 unless the best weight's gain has a 95% interval above 0."""
 
     model: str = "offline"
     reranker: str = "offline"
@@ -192,6 +193,7 @@ class TuneFusionConfig:
     pool: PoolChoice = "both"
     rerank_top: int = 50
     grid: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+    significant_only: bool = False
     cache: str | None = None
     instruction_choice: InstructionChoice = "hash"
 

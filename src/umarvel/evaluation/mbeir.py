@@ -424,22 +424,26 @@ def row_hits(result: dict[str, Any]) -> dict[str, dict[str, list[int] | None]]:
     return {_row_key(r): r.get("hits", {}) for r in result["rows"]}
 
 
-def paired_difference(a: dict[str, Any], b: dict[str, Any], setting: PoolSetting) -> dict[str, Any] | None:
+def paired_difference(
+    a: dict[str, Any], b: dict[str, Any], setting: PoolSetting | tuple[PoolSetting, ...]
+) -> dict[str, Any] | None:
     """Run A minus run B (two loaded `results.json` on the same queries) in points of average headline
     recall, with a bootstrap 95% interval that resamples queries within rows, the same queries on both
     sides (the pairing removes what the queries share). Only rows both runs scored count; None when
-    there is none."""
+    there is none. With several settings, every (row, setting) is one group of the average (`rows`
+    then names them `row setting`): the mean of the settings' averages where they share their rows."""
+    settings = (setting,) if isinstance(setting, str) else setting
     first, second = row_hits(a), row_hits(b)
     groups, per_row = [], {}
-    for row, hits in first.items():
-        mine, theirs = hits.get(setting), second.get(row, {}).get(setting)
+    for (row, hits), pool in itertools.product(first.items(), settings):
+        mine, theirs = hits.get(pool), second.get(row, {}).get(pool)
         if not mine or not theirs:
             continue
         if len(mine) != len(theirs):
             raise ValueError(f"{row}: the two runs judged different queries ({len(mine)} vs {len(theirs)})")
         difference = np.asarray(mine, dtype=float) - np.asarray(theirs, dtype=float)
         groups.append(difference)
-        per_row[row] = round(100 * float(difference.mean()), 2)
+        per_row[row if len(settings) == 1 else f"{row} {pool}"] = round(100 * float(difference.mean()), 2)
     if not groups:
         return None
     average = round(100 * float(np.mean([g.mean() for g in groups])), 2)

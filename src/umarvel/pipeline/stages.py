@@ -277,6 +277,7 @@ def run_tune_fusion(config: TuneFusionConfig, progress: bool = True) -> Artifact
         config.grid,
         progress,
         config.instruction_choice,
+        config.significant_only,
     )
     fusion = {**choice, "retriever": config.model}
     run_on_main(store_fusion, config.reranker, fusion)
@@ -291,7 +292,8 @@ def run_tune_fusion(config: TuneFusionConfig, progress: bool = True) -> Artifact
         extra=extra,
         filename="fusion_manifest.json",
     )
-    return Artifact.of("fusion", out / "fusion.json", weight=choice["weight"], by_weight=choice["by_weight"])
+    kept = {key: choice[key] for key in ("weight", "by_weight", "best", "gain_over_weight_0")}
+    return Artifact.of("fusion", out / "fusion.json", **kept)
 
 
 # ---- the registry ------------------------------------------------------------------------------------

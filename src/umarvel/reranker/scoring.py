@@ -27,6 +27,7 @@ from umarvel.distributed import each_rank_does, run_on_main, world
 from umarvel.evaluation.mbeir import (
     PoolSetting,
     Scores,
+    paired_difference,
     read_scored_run,
     render_table,
     run_file_name,
@@ -276,9 +277,13 @@ def tune_fusion(
     grid: Sequence[float] = DEFAULT_GRID,
     progress: bool = True,
     instruction_choice: str = "hash",
+    significant_only: bool = False,
 ) -> dict[str, Any]:
     """Choose the fusion weight on `split` (never `test`) and return {weight, top, split, objective per
-    weight}; also writes `fusion.json` to `out_dir`."""
+    weight, the best weight's gain over weight 0 with its bootstrap 95% interval}; also writes
+    `fusion.json` to `out_dir`. With `significant_only`, weight 0 (the retriever alone) is kept unless
+    the best weight's gain on `split` has an interval above 0: on a small validation split a weak
+    re-ranker's best weight is often noise that costs points on test."""
     if split == "test":
         raise ConfigError("the fusion weight is tuned on a validation split, never on the test split")
     if rows and len(blind_rows(rows, top)) == len(rows):
@@ -292,17 +297,27 @@ def tune_fusion(
     )
     table = {str(w): round(objective(s), 3) for w, s in results.items()}
     best = max(grid, key=lambda w: (objective(results[w]), -w))  # ties: the smaller weight
+    gain = None
+    if best != 0 and 0 in grid:
+        gain = paired_difference(results[best].to_json(), results[0.0].to_json(), tuple(settings))
+    chosen = best
+    if significant_only and gain is not None and gain["interval"][0] <= 0:
+        logger.info("weight %s gains %s points on %s, not significantly: keeping weight 0", best, gain, split)
+        chosen = 0.0
     # Leave the chosen weight's runs and results in out_dir (the cache makes this free).
     rerank_runs(
-        reranker, root, runs_dir, out_dir, rows, split, settings, top, (best,), False, instruction_choice
+        reranker, root, runs_dir, out_dir, rows, split, settings, top, (chosen,), False, instruction_choice
     )
     choice = {
-        "weight": best,
+        "weight": chosen,
         "top": top,
         "split": split,
         "objective": "mean of local and global averages",
         "by_weight": table,
+        "best": best,
+        "gain_over_weight_0": gain and {"difference": gain["difference"], "interval": gain["interval"]},
+        "significant_only": significant_only,
     }
     run_on_main(write_json, Path(out_dir) / "fusion.json", choice)
-    logger.info("fusion weight %s on %s: %s", best, split, table)
+    logger.info("fusion weight %s on %s: %s", chosen, split, table)
     return choice
