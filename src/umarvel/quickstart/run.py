@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuickstartScale:
-    """Steps and sizes; `full` aims at 10 minutes of `make quickstart` on 2 CPU cores (8.6-9.2 min of
-    `umarvel quickstart` measured on an AMX Xeon, README), `smoke` checks the wiring in about one."""
+    """Steps and sizes; `full` aims at 10 minutes of `make quickstart` on 2 CPU cores (4.9 min of
+    `umarvel quickstart` in bf16 and 6.7 in float32 measured on a 2-core Xeon, README), `smoke` checks
+    the wiring in about one."""
 
     model: str
     text_steps: int
