@@ -238,12 +238,13 @@ def _value(row: dict, task: str, metric: str) -> float | None:
 
 
 def _write(directory: Path, rows: dict[str, dict], args: argparse.Namespace) -> None:
-    import platform
-
     import torch
 
+    from umarvel.config.manifest import describe_machine, machine
+
+    directory.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "max_text_tokens": args.max_text_tokens,
@@ -254,6 +255,8 @@ def _write(directory: Path, rows: dict[str, dict], args: argparse.Namespace) -> 
     head = "| model | " + " | ".join(h for _, _, h in HEADLINE) + " | seconds |"
     lines = [
         "# Retrieval quality on ../shared/data: pipeline stages vs baselines",
+        "",
+        f"{describe_machine(result['machine'])}.",
         "",
         f"umarvel models at {args.dtype}; texts cut at {args.max_text_tokens} tokens; SciFact over "
         f"{args.scifact_docs or 'all'} abstracts; {torch.get_num_threads()} CPU threads. Percent; "
