@@ -135,6 +135,7 @@ def test_the_sample_is_stratified_seeded_and_covers_every_task() -> None:
 
 def _record(task: int, cosine: list[float], p_yes: list[float]) -> dict:
     return {
+        "qid": f"q{task}",
         "task_id": task,
         "candidates": ["a", "b", "c"],
         "positives": ["b"],
@@ -156,10 +157,11 @@ def test_a_re_ranker_that_finds_the_positive_gets_weight_and_a_noisy_one_none() 
 
 
 def test_the_reciprocal_rank_is_zero_without_a_positive_and_ties_keep_list_order() -> None:
-    from umarvel.reranker.teacher import reciprocal_rank
+    from umarvel.reranker.teacher import choose_alphas
 
-    assert reciprocal_rank([0.5, 0.5, 0.4], ["a", "b", "c"], ["b"]) == 0.5
-    assert reciprocal_rank([0.5, 0.5, 0.4], ["a", "b", "c"], ["z"]) == 0.0
+    tied = {"task_id": 0, "candidates": ["a", "b", "c"], "cosine": [0.5, 0.5, 0.4], "p_yes": [0, 0, 0]}
+    assert choose_alphas([{**tied, "qid": "q", "positives": ["b"]}], [1.0])["0"][1][1.0] == 0.5
+    assert choose_alphas([{**tied, "qid": "q", "positives": ["z"]}], [1.0])["0"][1][1.0] == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from umarvel.data.mbeir import Instructions, dataset_id_of, read_pool, read_quer
 from umarvel.data.records import Candidate, Query
 from umarvel.data.sampling import row_rng
 from umarvel.distributed import each_rank_does, my_share, run_on_main, world
+from umarvel.evaluation.metrics import mrr_at_k
 from umarvel.reranker.data import RerankPair
 from umarvel.retrieval.encode import encode_corpus, item_key
 from umarvel.retrieval.search import top_k
@@ -86,39 +87,26 @@ def parse_alphas(pairs: Sequence[str]) -> dict[int, float]:
     return alphas
 
 
-def reciprocal_rank(scores: Sequence[float], candidates: Sequence[str], positives: Sequence[str]) -> float:
-    """1 / rank of the best-scored labelled positive among `candidates` (ties keep list order); 0 when
-    the list holds none."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    wanted = set(positives)
-    for rank, i in enumerate(order, start=1):
-        if candidates[i] in wanted:
-            return 1.0 / rank
-    return 0.0
-
-
 def choose_alphas(
     records: Sequence[dict[str, Any]], grid: Sequence[float]
 ) -> dict[str, tuple[float, dict[float, float]]]:
     """Per task id (as a string): the grid alpha whose fused score `alpha * cosine + (1 - alpha) * p_yes`
-    gives the highest mean reciprocal rank of the labelled positives, ties to the larger alpha, with the
-    MRR of every grid value."""
+    gives the highest mean reciprocal rank of the labelled positives (ties in score keep the shortlist
+    order, ties in MRR go to the larger alpha), with the MRR of every grid value."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_task[str(record["task_id"])].append(record)
     chosen = {}
     for task, rows in by_task.items():
+        relevant = {r["qid"]: set(r["positives"]) for r in rows}
+        longest = max(len(r["candidates"]) for r in rows)
         mrr = {}
         for alpha in sorted(set(grid)):
-            ranks = [
-                reciprocal_rank(
-                    alpha * np.asarray(r["cosine"]) + (1 - alpha) * np.asarray(r["p_yes"]),
-                    r["candidates"],
-                    r["positives"],
-                )
-                for r in rows
-            ]
-            mrr[alpha] = round(float(np.mean(ranks)), 6)
+            ranking = {}
+            for r in rows:
+                fused = alpha * np.asarray(r["cosine"]) + (1 - alpha) * np.asarray(r["p_yes"])
+                ranking[r["qid"]] = [r["candidates"][i] for i in np.argsort(-fused, kind="stable")]
+            mrr[alpha] = round(mrr_at_k(ranking, relevant, longest), 6)
         best = max(mrr.values())
         chosen[task] = (max(a for a, value in mrr.items() if value == best), mrr)
     return chosen
@@ -285,7 +273,8 @@ def _write_teacher(
     records = [record for part in part_files for _, record in read_jsonl(part)]
     # Records name their task as in the query file (None where it has none, -1 in `alpha_by_task`).
     fixed = {str(None if task == -1 else task): a for task, a in settings["alpha_by_task"].items()}
-    searched = choose_alphas(records, settings["alpha_grid"]) if settings["alpha_grid"] else {}
+    free = [r for r in records if str(r["task_id"]) not in fixed]
+    searched = choose_alphas(free, settings["alpha_grid"]) if settings["alpha_grid"] else {}
     alphas = {task: chosen for task, (chosen, _) in searched.items()} | fixed
     for record in records:
         weight = alphas.get(str(record["task_id"]), settings["alpha"])
@@ -299,7 +288,7 @@ def _write_teacher(
     summary = _summary(records)
     for task, values in summary["tasks"].items():
         values["alpha"] = alphas.get(task, settings["alpha"])
-        if task in searched and task not in fixed:
+        if task in searched:
             values["mrr_by_alpha"] = {str(a): mrr for a, mrr in searched[task][1].items()}
     summary["rerank_seconds_this_run"] = seconds
     summary["pairs"] = sum(len(r["candidates"]) for r in records)
