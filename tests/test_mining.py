@@ -158,3 +158,17 @@ def test_the_relative_rule_drops_what_scores_above_a_fraction_of_the_positive() 
     # anything above 0.8 * 0.9 = 0.72 goes
     assert [d for d, _ in selection.dropped["relative"]] == ["copy", "a"]
     assert [d for d, _ in selection.negatives] == ["b", "c"]
+
+
+def test_the_negatives_digest_ignores_scores_but_not_the_chosen_negatives(tmp_path) -> None:
+    from umarvel.mining.mine import selection_digest
+
+    def write(name: str, negatives: list[str], scores: list[float]) -> str:
+        path = tmp_path / name
+        line = {"qid": "q1", "positives": ["p"], "negatives": negatives, "scores": scores, "dropped": {}}
+        path.write_text(json.dumps(line) + "\n")
+        return selection_digest(path)
+
+    base = write("a.jsonl", ["n1", "n2"], [0.51234, 0.41])
+    assert write("b.jsonl", ["n1", "n2"], [0.51235, 0.41]) == base
+    assert write("c.jsonl", ["n2", "n1"], [0.51234, 0.41]) != base

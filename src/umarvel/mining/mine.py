@@ -25,6 +25,21 @@ from umarvel.retrieval.index import Index, embedder_record
 logger = logging.getLogger(__name__)
 
 
+def selection_digest(path: str | Path) -> str:
+    """The digest of what a `negatives.jsonl` decides for training: each line's qid, positives and
+    negatives, in order. The stored scores and drop counts are left out, so two mining runs that pick
+    the same negatives (their scores differing in the last bits, as across thread counts) give the same
+    digest and the stage that trains on them is not rerun."""
+    from umarvel.config.digest import json_digest
+    from umarvel.data.io import read_jsonl
+
+    chosen = [
+        [record.get("qid"), record.get("positives"), record.get("negatives")]
+        for _, record in read_jsonl(Path(path))
+    ]
+    return json_digest(chosen)
+
+
 def _content(text: str | None, image: object) -> tuple[str, str]:
     return (" ".join((text or "").lower().split()), str(image) if image is not None else "")
 

@@ -30,7 +30,7 @@ from umarvel.config.stages import (
 from umarvel.distributed import run_on_main
 from umarvel.evaluation.mbeir import evaluate_mbeir
 from umarvel.mining.filters import NegativeRules
-from umarvel.mining.mine import mine_negatives
+from umarvel.mining.mine import mine_negatives, selection_digest
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def run_mine(config: MineConfig, progress: bool = True) -> Artifact:
         inputs={"queries": root / config.queries, "pool": root / config.pool},
         extra={"embedder": embedder.identity()},
     )
-    return Artifact.of("negatives", path)
+    # By the negatives chosen, not the file's bytes: stored scores may differ in their last bits.
+    return Artifact("negatives", str(path), selection_digest(path))
 
 
 def run_score(config: ScoreConfig, progress: bool = True) -> Artifact:
