@@ -171,3 +171,21 @@ def test_a_reranker_named_by_its_folder_is_fingerprinted_by_content(mini_mbeir: 
     before = stage_fingerprint("eval", config, 42, {})
     (folder / "model.safetensors").write_bytes(b"\x01" * 64)
     assert stage_fingerprint("eval", config, 42, {}) != before
+
+
+def test_a_path_that_an_input_fills_in_need_not_exist_and_only_the_inputs_digest_counts(
+    mini_mbeir: Path, tmp_path: Path
+) -> None:
+    from umarvel.pipeline.run import stage_fingerprint, validate
+    from umarvel.pipeline.stages import Artifact, _first_source
+
+    unwired = validate(_recipes(tmp_path, mini_mbeir, tmp_path / "run"))["b"]
+    model = Artifact("model", str(tmp_path / "run" / "a3" / "model"), "a" * 64)
+
+    def key(recipe_path: str, mined_digest: str) -> str:
+        config = _first_source(unwired, "b", negatives=recipe_path)
+        mined = Artifact("negatives", str(tmp_path / "run" / "mine" / "negatives.jsonl"), mined_digest)
+        return stage_fingerprint("train", config, 42, {"model": model, "negatives": mined}, "b")
+
+    assert key("runs/nowhere/negatives.jsonl", "b" * 64) == key("runs/elsewhere/n.jsonl", "b" * 64)
+    assert key("runs/nowhere/negatives.jsonl", "b" * 64) != key("runs/nowhere/negatives.jsonl", "c" * 64)

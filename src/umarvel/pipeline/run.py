@@ -36,6 +36,8 @@ STAGE_FILE = "stage.json"
 
 
 RUN_FILE = "run.json"
+# What a wired field holds while a fingerprint is taken: the input role, not a path.
+WIRED = "<input>:"
 
 
 @main_only
@@ -107,12 +109,19 @@ def _without_outputs(values: Any, output_key: str) -> Any:
     return {k: v for k, v in dataclasses.asdict(values).items() if k != output_key}
 
 
-def stage_fingerprint(kind: str, config: Any, seed: int, inputs: dict[str, Artifact]) -> str:
+def stage_fingerprint(
+    kind: str, config: Any, seed: int, inputs: dict[str, Artifact], stage: str | None = None
+) -> str:
     """The digest of what decides a stage's result (see module docstring); `config` is the stage's
-    config before its inputs are wired in."""
+    config before its inputs are wired in. A field an input fills in counts by that input's digest, not
+    by whatever path the recipe names there: that path need not exist, and editing it changes nothing."""
     entry = REGISTRY[kind]
+    for role, artifact in inputs.items():
+        config = entry.inputs[role](config, dataclasses.replace(artifact, path=WIRED + role), stage or kind)
     reads = {}
     for path in entry.reads(config):
+        if str(path).startswith(WIRED):
+            continue
         if not Path(path).exists():
             raise ConfigError(f"{path}: no such file or folder (read by a {kind} stage)")
         reads[str(Path(path).resolve())] = content_digest(path)
@@ -188,7 +197,7 @@ def run_stage(spec: StageSpec, stage_config: Any, root: Path, seed: int, progres
     """Run (or skip, or resume) one stage in `root/<name>`; returns "ran" or "skipped"."""
     entry = REGISTRY[spec.kind]
     inputs = {role: read_artifact(root / source) for role, source in (spec.inputs or {}).items()}
-    key = stage_fingerprint(spec.kind, stage_config, seed, inputs)
+    key = stage_fingerprint(spec.kind, stage_config, seed, inputs, spec.name)
     stage_dir = root / spec.name
     if claim(stage_dir, key):
         logger.info("stage %s is up to date; skipped", spec.name)
