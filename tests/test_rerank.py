@@ -351,7 +351,14 @@ def test_stage_c_training_steps_lower_the_kl_to_the_teacher(chain: dict[str, Pat
     assert kl() < before
 
 
-def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs(
+class _Unusable:
+    """A re-ranker that fails if anything asks it for a score."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the re-ranker was used ({name})")
+
+
+def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs_unscored(
     chain: dict[str, Path], tmp_path: Path
 ) -> None:
     from umarvel.evaluation.mbeir import evaluate_mbeir
@@ -388,7 +395,7 @@ def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs
     assert strict["best"] == choice["weight"]
     assert strict["weight"] == (choice["weight"] if significant else 0.0)
     zero = rerank_runs(
-        ranker, root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=11, weights=(0.0,)
+        _Unusable(), root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=11, weights=(0.0,)
     )
     assert zero[0.0].to_json()["average"] == retrieval.to_json()["average"]
 

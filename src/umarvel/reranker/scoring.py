@@ -212,8 +212,13 @@ def rerank_runs(
         raise InputError(
             runs_dir, f"run files name {len(unknown)} candidates absent from the pools (e.g. {unknown[0]})"
         )
-    cache = PairScoreCache(out_dir / "pair_scores.jsonl")
-    p_yes = score_pairs(reranker, wanted, queries, candidates, cache, progress)
+    if all(weight == 0 for weight in weights):
+        # cos + 0 * P(Yes) keeps the retriever's order whatever P(Yes) is: no pair needs the re-ranker.
+        logger.info("fusion weight 0: the runs stay the retriever's; %d pairs not scored", len(set(wanted)))
+        p_yes = dict.fromkeys(wanted, 0.0)
+    else:
+        cache = PairScoreCache(out_dir / "pair_scores.jsonl")
+        p_yes = score_pairs(reranker, wanted, queries, candidates, cache, progress)
     return run_on_main(_fuse_runs, root, out_dir, rows, split, settings, top, weights, retrieved, p_yes)
 
 
