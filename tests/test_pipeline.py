@@ -189,3 +189,14 @@ def test_a_path_that_an_input_fills_in_need_not_exist_and_only_the_inputs_digest
 
     assert key("runs/nowhere/negatives.jsonl", "b" * 64) == key("runs/elsewhere/n.jsonl", "b" * 64)
     assert key("runs/nowhere/negatives.jsonl", "b" * 64) != key("runs/nowhere/negatives.jsonl", "c" * 64)
+
+
+def test_every_stage_of_the_shipped_pipelines_that_embeds_names_its_dtype() -> None:
+    expected = {
+        "recipes/cpu/pipeline.yaml": "dtype=auto",
+        "recipes/qwen2vl-7b/pipeline.yaml": "dtype=bfloat16",
+    }
+    for recipe, dtype in expected.items():
+        config = load_config(recipe, cls=PipelineConfig)
+        embedding = [s for s in config.stages if s.kind in ("mine", "score", "tune_fusion", "eval")]
+        assert embedding and all(dtype in (s.config or {}).get("settings", ()) for s in embedding), recipe
