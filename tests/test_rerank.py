@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from umarvel.data.collator import EncodeItem
+from umarvel.data.records import Candidate, Query
 from umarvel.losses.distillation import distillation_kl
 from umarvel.reranker.data import RerankPair
 from umarvel.reranker.model import Reranker, _prefix_plan
@@ -398,6 +399,15 @@ def test_u_marvel_plus_tunes_on_val_refuses_test_and_w0_keeps_the_retriever_runs
         _Unusable(), root, tmp_path / "ret" / "runs", tmp_path / "w0", rows, "val", top=11, weights=(0.0,)
     )
     assert zero[0.0].to_json()["average"] == retrieval.to_json()["average"]
+
+
+def test_a_query_reranked_at_weight_zero_keeps_its_order_without_scoring_a_pair() -> None:
+    from umarvel.reranker.scoring import rerank_hits
+
+    ranked = [("a", 0.9), ("b", 0.7), ("c", 0.4), ("d", 0.1)]
+    records = {d: Candidate(did=d, text=d) for d, _ in ranked}
+    query = Query(qid="q", text="q")
+    assert rerank_hits(_Unusable(), query, ranked, records, top=3, weight=0.0) == ranked
 
 
 def test_search_with_a_reranker_at_weight_zero_keeps_the_index_order_and_reads_the_index_folder(

@@ -152,6 +152,8 @@ def rerank_hits(
 ) -> list[tuple[str, float]]:
     """U-MARVEL+ for one query: the first `top` hits re-scored cos + weight * P(Yes), then the rest."""
     head = [d for d, _ in ranked[:top]]
+    if weight == 0:  # cos + 0 * P(Yes) keeps the retriever's order: as in `rerank_runs`, nothing to score
+        return fuse(ranked, dict.fromkeys(head, 0.0), weight, top)
     query_item = ranker.item(query, with_instruction=True)
     p_yes = ranker.score([RerankPair(query_item, ranker.item(records[d], False)) for d in head])
     return fuse(ranked, dict(zip(head, p_yes.tolist(), strict=True)), weight, top)
