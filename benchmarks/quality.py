@@ -16,6 +16,8 @@ Tasks (all on held-aside data; splits by the stable hash used in training):
   nDCG@10; `--scifact-docs 0` uses the full 5,183;
 - STS-B test (1,379 pairs): Spearman x 100.
 
+The headline, Flickr8k text->image R@5, is also given with a 95 % bootstrap interval over its captions.
+
 Every model is run at `--dtype` (default `auto`: bf16 only where the CPU computes it natively; the
 baselines at fp32) with texts cut at 256 tokens (MiniLM's limit). Each
 model's results are saved as soon as they are measured (`--parts-dir`, under the ignored runs/), so an
@@ -283,9 +285,35 @@ def _write(directory: Path, rows: dict[str, dict], args: argparse.Namespace) -> 
             f"{lit['train_seconds']} s (towers frozen; loss {lit['loss_first_last'][0]} -> "
             f"{lit['loss_first_last'][1]})."
         )
+    notes += _recall_intervals(rows)
     (directory / "quality.md").write_text("\n".join(lines + notes) + "\n")
     print("\n".join(lines + notes))
     _plot(directory / "quality.png", rows)
+
+
+def _recall_intervals(rows: dict[str, dict]) -> list[str]:
+    """The headline metric, Flickr8k text -> image R@5, with a 95 % bootstrap interval over its test
+    captions (each caption's query is a hit or a miss), so that a reader sees which rows the 710
+    captions can tell apart."""
+    from umarvel.evaluation.metrics import bootstrap_interval
+
+    shown = []
+    for label, row in rows.items():
+        task = row["tasks"].get("flickr8k")
+        if not task:
+            continue
+        queries = int(task["captions"])
+        hits = round(task["text_to_image_recall@5"] * queries / 100)
+        low, high = bootstrap_interval([[1.0] * hits + [0.0] * (queries - hits)])
+        shown.append(f"{label} {task['text_to_image_recall@5']:.1f} [{low:.1f}, {high:.1f}]")
+    if not shown:
+        return []
+    return [
+        "",
+        f"Flickr8k t→i R@5 with its 95 % bootstrap interval over the {queries} test captions: "
+        + "; ".join(shown)
+        + ".",
+    ]
 
 
 def _plot(path: Path, rows: dict[str, dict]) -> None:
