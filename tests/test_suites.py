@@ -58,20 +58,36 @@ def test_a_retriever_that_matches_texts_exactly_scores_100_on_beir(tmp_path: Pat
     assert result["ndcg@10"] == 100.0 and result["mrr@10"] == 100.0 and result["queries"] == 5
 
 
-def test_caption_retrieval_scores_both_directions_from_one_matrix(tmp_path: Path) -> None:
+def _caption_set(tmp_path: Path, second_caption_names) -> Path:
+    """Six 8x8 photos with two captions each, `picture <n> one|two`; photo i's second caption names
+    photo `second_caption_names(i)`."""
     (tmp_path / "images").mkdir()
     rows = []
     for i in range(6):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "images" / f"{i}.jpg")
-        rows += [f"{i}.jpg,picture {i} one", f"{i}.jpg,picture {i} two"]
+        rows += [f"{i}.jpg,picture {i} one", f"{i}.jpg,picture {second_caption_names(i)} two"]
     (tmp_path / "c.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    return tmp_path / "c.csv"
 
-    def key(item: object) -> str:  # an image and its captions share a key: a perfect retriever
-        return Path(str(item.image)).stem if item.image is not None else item.text.split()[1]
 
-    result = evaluate_captions(_LookupEmbedder(key), tmp_path / "c.csv", split="all", progress=False)
+def _named(item: object) -> str:
+    """A photo's key is its name, a caption's the number it names: a retriever that follows them."""
+    return Path(str(item.image)).stem if item.image is not None else item.text.split()[1]
+
+
+def test_caption_retrieval_scores_both_directions_from_one_matrix(tmp_path: Path) -> None:
+    captions = _caption_set(tmp_path, lambda i: i)  # every caption names its own photo
+    result = evaluate_captions(_LookupEmbedder(_named), captions, split="all", progress=False)
     assert result["text_to_image_recall@1"] == 100.0 and result["image_to_text_recall@1"] == 100.0
     assert (result["captions"], result["images"]) == (12, 6)
+
+
+def test_each_captions_hit_at_k_is_returned_and_their_mean_is_the_recall(tmp_path: Path) -> None:
+    captions = _caption_set(tmp_path, lambda i: i + 1 if i < 2 else i)  # photos 0 and 1: the next one
+    embedder = _LookupEmbedder(_named)
+    result = evaluate_captions(embedder, captions, split="all", progress=False, hits_at=1)
+    assert result["text_to_image_hits@1"] == [1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert result["text_to_image_recall@1"] == round(100 * 10 / 12, 2)
 
 
 def test_the_real_scifact_test_set_runs_through_the_beir_harness() -> None:

@@ -9,6 +9,7 @@ import logging
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,11 +87,14 @@ def evaluate_captions(
     image_instruction: str | None = None,
     ks: tuple[int, ...] = (1, 5, 10),
     progress: bool = True,
-) -> dict[str, float]:
+    hits_at: int | None = None,
+) -> dict[str, Any]:
     """Caption -> image and image -> caption recall@k (hit rate, percent) over one score matrix.
 
     `captions` is a csv `image,caption` (several captions per image); `split` keeps the images of one
-    held split (by a stable hash of the image name, as in training) or `all`.
+    held split (by a stable hash of the image name, as in training) or `all`. With `hits_at` = k the
+    result also holds `text_to_image_hits@k`: each caption's hit (1) or miss (0) at k, images sorted by
+    name and captions in file order, which is what a paired comparison of two models needs.
     """
     path = Path(captions)
     root = Path(image_root) if image_root is not None else path.parent / "images"
@@ -128,10 +132,16 @@ def evaluate_captions(
     i2t_relevant = {
         image: {str(t) for t, (owner, _) in enumerate(texts) if owner == image} for image in images
     }
-    result: dict[str, float] = {}
+    result: dict[str, Any] = {}
     for k in ks:
         result[f"text_to_image_recall@{k}"] = round(100 * recall_at_k(t2i, t2i_relevant, k), 2)
         result[f"image_to_text_recall@{k}"] = round(100 * recall_at_k(i2t, i2t_relevant, k), 2)
+    if hits_at is not None:
+        position = {image: j for j, image in enumerate(images)}
+        top = top_k(scores, hits_at)
+        result[f"text_to_image_hits@{hits_at}"] = [
+            int(position[image] in row) for row, (image, _) in zip(top, texts, strict=True)
+        ]
     result["captions"], result["images"] = len(texts), len(images)
     return result
 
