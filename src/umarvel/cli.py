@@ -873,8 +873,17 @@ def backbones() -> None:
 
 
 def main() -> None:
-    """The console entry (`umarvel`, `python -m umarvel`)."""
-    app(sys.argv[1:])
+    """The console entry (`umarvel`, `python -m umarvel`). A process of a multi-process launch leaves
+    through `distributed.leave`, which keeps a teardown abort from failing a finished rank."""
+    from umarvel.distributed import leave
+
+    try:
+        app(sys.argv[1:])
+    except SystemExit as stop:
+        code = stop.code
+    else:
+        code = None
+    leave(code)
 
 
 if __name__ == "__main__":  # `python -m umarvel.cli ...`, as launchers such as `accelerate launch -m` run it

@@ -90,6 +90,34 @@ def _destroy_at_exit() -> None:
 atexit.register(_destroy_at_exit)
 
 
+def leave(code: object) -> None:
+    """End the process with `code` (a `SystemExit` code: None, an int, or a message for stderr).
+
+    A process in a process group runs its exit hooks (this module's teardown of the group among
+    them), flushes, and leaves with `os._exit`, skipping the interpreter's finalisation: DDP's and
+    gloo's C++ threads released there can still abort a process whose work is done and written
+    ("terminate called without an active exception", SIGABRT; seen on 2-core CI for `umarvel train`
+    under a SLURM-style launch), and a launcher reports that as a failed rank. A single process exits
+    as usual."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    import gc
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    gc.collect()  # the command's models and DDP wrappers, before the group they use goes
+    atexit._run_exitfuncs()  # every library's exit hooks, as a normal exit would run them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def barrier() -> None:
     """Wait until every rank gets here (nothing to wait for in a single process)."""
     if world().size > 1:
