@@ -124,7 +124,7 @@ def evaluate_captions(
         label="photos",
     )
     scores = text_vectors @ image_vectors.T  # (T, I): one matrix serves both directions
-    top_images = top_k(scores, max(ks))
+    top_images = top_k(scores, max(*ks, hits_at or 0))
     top_texts = top_k(scores.T, max(ks))
     t2i = {str(t): [images[j] for j in row] for t, row in enumerate(top_images)}
     t2i_relevant = {str(t): {image} for t, (image, _) in enumerate(texts)}
@@ -137,10 +137,8 @@ def evaluate_captions(
         result[f"text_to_image_recall@{k}"] = round(100 * recall_at_k(t2i, t2i_relevant, k), 2)
         result[f"image_to_text_recall@{k}"] = round(100 * recall_at_k(i2t, i2t_relevant, k), 2)
     if hits_at is not None:
-        position = {image: j for j, image in enumerate(images)}
-        top = top_k(scores, hits_at)
         result[f"text_to_image_hits@{hits_at}"] = [
-            int(position[image] in row) for row, (image, _) in zip(top, texts, strict=True)
+            int(image in t2i[str(t)][:hits_at]) for t, (image, _) in enumerate(texts)
         ]
     result["captions"], result["images"] = len(texts), len(images)
     return result
