@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.digest_cost import _cpu_flags, _cpu_name
+from umarvel.config.manifest import describe_machine, machine
 
 
 def _inputs(shared: Path, count: int) -> tuple[list[str], list[Image.Image], str]:
@@ -89,8 +87,7 @@ def main() -> None:
         "inputs": source,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "cpu_flags": _cpu_flags(),
+        "machine": machine(),
         "runs": runs,
         "bf16_over_fp32": {
             "text": round(bf16["text_items_per_second"] / fp32["text_items_per_second"], 2),
@@ -104,7 +101,7 @@ def main() -> None:
         f"# Encode throughput: `{args.model}`, {len(texts)} items, batch {args.batch_size}, "
         f"{torch.get_num_threads()} threads",
         "",
-        f"CPU: {result['cpu']}; flags: {result['cpu_flags']}. Inputs: {source}.",
+        f"{describe_machine(result['machine'])}. Inputs: {source}.",
         "",
         "| dtype | load (s) | text items/s | image items/s |",
         "|---|---|---|---|",
