@@ -7,13 +7,16 @@ pipeline and the quality benchmark split those into their own train and test set
 held-aside Flickr8k test photos (also outside `flickr8k-800/`), before and after training:
 - captions given their own photo vs given another photo: how often and by how much the own photo makes
   the caption more likely (a VLM reads the image; a random projector gives about 50 %);
-- zero-shot text -> image recall of the embedder (bidirectional attention, mean pooling) with no
-  contrastive training, against chance.
+- zero-shot text -> image recall with no contrastive training, against chance: of the embedder
+  (bidirectional attention, mean pooling), of E5-V's one-word prompt, and of the VLM itself (each
+  caption ranks the photos by its log-likelihood given each of them; on the first `--likelihood-photos`
+  held-aside photos, since it scores every pair).
 
 Writes `OUT/alignment-<name>.json` (settings, loss per step, evidence) and a loss plot. `--ship` also
 writes the projector to `src/umarvel/modeling/weights/` with a card recording the data, steps, loss and
 this command. `--compare` trains the candidate designs (16 or 49 visual tokens, Lite0 or Lite2) on the
-same budget and tabulates their evidence.
+same budget and tabulates their evidence. `--shipped` trains nothing: it measures the projector the
+package ships (against a random one) and writes `projector_alignment_shipped.*`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from umarvel.modeling.embedder import Embedder
 from umarvel.training.alignment import (
     AlignmentConfig,
     CaptionSequences,
+    caption_likelihood_matrix,
     feature_maps,
     matched_vs_shuffled,
     one_word_embeddings,
@@ -120,19 +124,26 @@ def recall(model, processor, images: Path, photos: list[str], captions: list[str
 
 def recall_at(text_vectors: np.ndarray, photo_vectors: np.ndarray) -> dict[str, object]:
     """Caption i's photo is photo i: R@1/5/10 with 95% bootstrap intervals, and chance."""
-    sims = text_vectors @ photo_vectors.T
+    return recall_from_scores(text_vectors @ photo_vectors.T)
+
+
+def recall_from_scores(sims: np.ndarray) -> dict[str, object]:
+    """`sims[i, j]`: caption i against photo j, caption i's photo being photo i (ties count against)."""
     ranks = (sims > np.diag(sims)[:, None]).sum(1)
     result: dict[str, object] = {}
     for k in (1, 5, 10):
         hits = (ranks < k).astype(float)
         result[f"R@{k}"] = 100 * hits.mean()
         result[f"R@{k}_interval"] = list(bootstrap_interval([hits]))
-        result[f"R@{k}_chance"] = 100 * k / len(photo_vectors)
+        result[f"R@{k}_chance"] = 100 * k / sims.shape[1]
     return result
 
 
-def evidence(model, processor, sequences, maps, images, held, captions) -> dict[str, object]:
+def evidence(model, processor, sequences, maps, images, held, captions, pairs: int) -> dict[str, object]:
     first = [captions[p][0] for p in held]
+    started = time.perf_counter()
+    likelihoods = caption_likelihood_matrix(model, sequences, maps[:pairs], first[:pairs])  # (photo, caption)
+    logger.info("%d x %d caption log-likelihoods in %.0f s", pairs, pairs, time.perf_counter() - started)
     own, other = matched_vs_shuffled(model, sequences, maps, first)
     wins = (own > other).double().numpy()
     margin = (own - other).numpy()
@@ -151,6 +162,7 @@ def evidence(model, processor, sequences, maps, images, held, captions) -> dict[
             one_word_embeddings(model, processor, texts=first).numpy(),
             one_word_embeddings(model, processor, maps=maps).numpy(),
         ),
+        "zero_shot_likelihood": recall_from_scores(likelihoods.T.numpy()),
     }
 
 
@@ -164,7 +176,9 @@ def run_design(args, vision: str, tokens: int, steps: int, data) -> tuple[dict, 
     held_maps = cached_maps(model, processor, images, held, args.cache)
     name = f"{vision}-{tokens}"
     report: dict[str, object] = {"design": name, "vision_model": vision, "visual_tokens": tokens}
-    report["before"] = evidence(model, processor, sequences, held_maps, images, held, captions)
+    report["before"] = evidence(
+        model, processor, sequences, held_maps, images, held, captions, args.likelihood_photos
+    )
     logger.info("%s before: %s", name, json.dumps(report["before"]))
     config = AlignmentConfig(steps=steps, batch_size=args.batch_size, learning_rate=args.learning_rate)
     started = time.perf_counter()
@@ -188,9 +202,33 @@ def run_design(args, vision: str, tokens: int, steps: int, data) -> tuple[dict, 
     report["train_photos"] = len(train)
     report["captions_seen"] = steps * args.batch_size
     report["loss"] = losses
-    report["after"] = evidence(model, processor, sequences, held_maps, images, held, captions)
+    report["after"] = evidence(
+        model, processor, sequences, held_maps, images, held, captions, args.likelihood_photos
+    )
     logger.info("%s after: %s", name, json.dumps(report["after"]))
     return report, model
+
+
+def run_shipped(args, vision: str, tokens: int, data) -> dict:
+    """The shipped projector's evidence against a random one's, on the same held-aside photos."""
+    _, captions, held = data
+    images = args.data / "flickr8k" / "images"
+    name = f"{vision}-{tokens}"
+    card = json.loads(shipped_projector(vision, tokens).with_suffix(".json").read_text())
+    report: dict[str, object] = {"design": name, "vision_model": vision, "visual_tokens": tokens}
+    report["settings"] = card["settings"]
+    report["shipped_card"] = {k: card[k] for k in ("command", "cpu_flags", "train_photos") if k in card}
+    for phase, projector in (("before", "random"), ("after", "aligned")):
+        torch.manual_seed(0)
+        model, processor = build_offline(visual_tokens=tokens, vision_model=vision, projector=projector)
+        model.eval()
+        sequences = CaptionSequences(processor, AlignmentConfig.max_caption_tokens)
+        held_maps = cached_maps(model, processor, images, held, args.cache)
+        report[phase] = evidence(
+            model, processor, sequences, held_maps, images, held, captions, args.likelihood_photos
+        )
+        logger.info("%s %s projector: %s", name, projector, json.dumps(report[phase]))
+    return report
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -218,24 +256,27 @@ def markdown(reports: list[dict], flags: str) -> str:
         f"CPU flags: {flags}; float32. Held-aside Flickr8k test photos; 95% bootstrap intervals.",
         "",
         "| design | steps | own photo beats another (%) | log-lik gain / caption | caption NLL / token |"
-        " zero-shot R@5, embedder (chance) | zero-shot R@5, one-word prompt |",
-        "|---|---|---|---|---|---|---|",
+        " zero-shot R@5, embedder (chance) | zero-shot R@5, one-word prompt |"
+        " zero-shot R@5, caption likelihood (chance) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for report in reports:
         for phase in ("before", "after"):
             e = report[phase]
             z = e["zero_shot"]
-            w = e.get("zero_shot_one_word")
-            one_word = "-"
-            if w:
+            one_word, likelihood = "-", "-"
+            if w := e.get("zero_shot_one_word"):
                 one_word = f"{w['R@5']:.1f} [{w['R@5_interval'][0]:.1f}, {w['R@5_interval'][1]:.1f}]"
+            if g := e.get("zero_shot_likelihood"):
+                low, high = g["R@5_interval"]
+                likelihood = f"{g['R@5']:.1f} [{low:.1f}, {high:.1f}] ({g['R@5_chance']:.1f})"
             steps = 0 if phase == "before" else report["settings"]["steps"]
             lines.append(
                 f"| {report['design']} | {steps} | {e['own_photo_wins_percent']:.1f} "
                 f"[{e['own_photo_wins_interval'][0]:.1f}, {e['own_photo_wins_interval'][1]:.1f}] | "
                 f"{e['log_likelihood_gain_per_caption']:.2f} | {e['caption_nll_per_token_own_photo']:.2f} | "
                 f"{z['R@5']:.1f} [{z['R@5_interval'][0]:.1f}, {z['R@5_interval'][1]:.1f}] "
-                f"({z['R@5_chance']:.1f}) | {one_word} |"
+                f"({z['R@5_chance']:.1f}) | {one_word} | {likelihood} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -253,7 +294,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--held-photos", type=int, default=500)
+    parser.add_argument(
+        "--likelihood-photos", type=int, default=100, help="held-aside photos ranked by caption likelihood"
+    )
     parser.add_argument("--compare", action="store_true", help="train every candidate design, same budget")
+    parser.add_argument("--shipped", action="store_true", help="measure the shipped projector, train nothing")
     parser.add_argument("--ship", action="store_true", help="write the projector into the package")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -266,6 +311,15 @@ def main() -> None:
         else [(args.vision, args.visual_tokens)]
     )
     reports = []
+    if args.shipped:
+        report = run_shipped(args, args.vision, args.visual_tokens, data)
+        report["cpu_flags"] = flags
+        report["command"] = shlex.join([Path(sys.executable).name, *sys.argv])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "projector_alignment_shipped.json").write_text(json.dumps([report], indent=2) + "\n")
+        (args.out / "projector_alignment_shipped.md").write_text(markdown([report], flags))
+        print(markdown([report], flags))
+        return
     for vision, tokens in designs:
         report, model = run_design(args, vision, tokens, args.steps, data)
         report["cpu_flags"] = flags

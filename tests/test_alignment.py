@@ -85,3 +85,20 @@ def test_a_one_word_embedding_does_not_depend_on_its_batch_neighbours(tiny) -> N
     )
     torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.norm(dim=-1), torch.ones(2))
+
+
+def test_the_likelihood_matrix_with_reused_photo_prefixes_equals_scoring_each_pair_in_full(tiny) -> None:
+    from umarvel.training.alignment import caption_likelihood_matrix
+
+    model, processor, paths = tiny
+    sequences = CaptionSequences(processor, max_caption_tokens=40)
+    maps = feature_maps(model, processor, paths[:3])
+    captions = ["a dog", "a much longer caption of a dog in a park", "red"]
+    matrix = caption_likelihood_matrix(model, sequences, maps, captions, batch_size=2)
+    tokens = visual_tokens(model, maps)
+    with torch.no_grad():
+        full = torch.stack(
+            [caption_log_likelihoods(model, sequences, tokens[[i] * 3], captions) for i in range(3)]
+        )
+    assert matrix.shape == (3, 3)
+    torch.testing.assert_close(matrix, full, atol=1e-4, rtol=1e-4)

@@ -222,6 +222,56 @@ def matched_vs_shuffled(
 
 
 @torch.inference_mode()
+def caption_likelihood_matrix(
+    model: ComposedModel,
+    sequences: CaptionSequences,
+    maps: torch.Tensor,
+    captions: Sequence[str],
+    batch_size: int = 100,
+) -> torch.Tensor:
+    """Every caption's summed log-likelihood given every photo: (n_photos, n_captions).
+
+    Ranking the photos of column j by it is zero-shot text -> image retrieval by the VLM itself (no
+    embedding, no contrastive step): the caption is fixed down a column, so its text prior cancels. Each
+    photo's part of the sequence (prefix, visual tokens, assistant turn) is run once and its keys and
+    values reused for every caption, so a pair costs only its caption tokens."""
+    embed = model.get_input_embeddings()
+    weight = embed.weight  # SmolLM2 ties its LM head
+    head = embed(torch.tensor(sequences.prefix))
+    middle = embed(torch.tensor(sequences.middle))
+    ids = [sequences.caption_ids(c) for c in captions]
+    lengths = torch.tensor([len(i) for i in ids])
+    padded = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(i) for i in ids], batch_first=True, padding_value=sequences.tokenizer.pad_token_id
+    )  # (n, Lc), right-padded
+    scored = torch.arange(padded.shape[1])[None] < lengths[:, None]  # (n, Lc)
+    tokens = visual_tokens(model, maps)  # (P, T, H)
+    rows = []
+    for photo in tokens:
+        prefix = torch.cat([head, photo.to(head.dtype), middle])[None]  # (1, Lp, H)
+        columns = []
+        for start in range(0, len(ids), batch_size):
+            chunk = slice(start, start + batch_size)
+            first = model.language_model(inputs_embeds=prefix, use_cache=True)
+            cache = first.past_key_values
+            count = len(lengths[chunk])
+            cache.batch_repeat_interleave(count)
+            mask = torch.cat([torch.ones(count, prefix.shape[1], dtype=torch.long), scored[chunk].long()], 1)
+            hidden = model.language_model(
+                inputs_embeds=embed(padded[chunk]), attention_mask=mask, past_key_values=cache
+            ).last_hidden_state  # (b, Lc, H)
+            # Caption token 0 is predicted by the photo part's last position, token t + 1 by position t.
+            states = torch.cat([first.last_hidden_state[:, -1:].expand(count, -1, -1), hidden[:, :-1]], 1)
+            keep = scored[chunk]
+            logits = states[keep] @ weight.T  # (N, V), scored positions only
+            log_probs = -functional.cross_entropy(logits.float(), padded[chunk][keep], reduction="none")
+            owner = keep.nonzero()[:, 0]
+            columns.append(torch.zeros(count, dtype=log_probs.dtype).index_add_(0, owner, log_probs))
+        rows.append(torch.cat(columns))
+    return torch.stack(rows)
+
+
+@torch.inference_mode()
 def one_word_embeddings(
     model: ComposedModel,
     processor: ComposedProcessor,
