@@ -15,6 +15,7 @@ with (`umarvel/modeling/weights/`).
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -118,12 +119,19 @@ def caption_log_likelihoods(
     hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, H)
     # Position t predicts token t + 1; only caption positions are scored, so only they meet the LM head.
     targets = labels[:, 1:]  # (B, L-1)
-    scored = targets != -100
-    states = hidden[:, :-1][scored]  # (N, H)
-    logits = states @ model.get_input_embeddings().weight.T  # (N, V); SmolLM2 ties its LM head
+    return summed_log_probs(model, hidden[:, :-1], targets, targets != -100)
+
+
+def summed_log_probs(
+    model: ComposedModel, states: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor
+) -> torch.Tensor:
+    """Per row, the summed log-probability of `targets` (B, L) predicted from `states` (B, L, H) where
+    `scored` (B, L) holds: (B,). Only scored positions meet the LM head (SmolLM2 ties it to the input
+    embeddings)."""
+    logits = states[scored] @ model.get_input_embeddings().weight.T  # (N, V)
     log_probs = -functional.cross_entropy(logits.float(), targets[scored], reduction="none")  # (N,)
     rows = scored.nonzero()[:, 0]
-    return torch.zeros(len(captions), dtype=log_probs.dtype).index_add_(0, rows, log_probs)
+    return torch.zeros(len(targets), dtype=log_probs.dtype).index_add_(0, rows, log_probs)
 
 
 def caption_loss(
@@ -236,7 +244,6 @@ def caption_likelihood_matrix(
     photo's part of the sequence (prefix, visual tokens, assistant turn) is run once and its keys and
     values reused for every caption, so a pair costs only its caption tokens."""
     embed = model.get_input_embeddings()
-    weight = embed.weight  # SmolLM2 ties its LM head
     head = embed(torch.tensor(sequences.prefix))
     middle = embed(torch.tensor(sequences.middle))
     ids = [sequences.caption_ids(c) for c in captions]
@@ -249,12 +256,12 @@ def caption_likelihood_matrix(
     rows = []
     for photo in tokens:
         prefix = torch.cat([head, photo.to(head.dtype), middle])[None]  # (1, Lp, H)
+        first = model.language_model(inputs_embeds=prefix, use_cache=True)
         columns = []
         for start in range(0, len(ids), batch_size):
             chunk = slice(start, start + batch_size)
-            first = model.language_model(inputs_embeds=prefix, use_cache=True)
-            cache = first.past_key_values
-            count = len(lengths[chunk])
+            count = len(ids[chunk])
+            cache = copy.deepcopy(first.past_key_values)  # widened in place below
             cache.batch_repeat_interleave(count)
             mask = torch.cat([torch.ones(count, prefix.shape[1], dtype=torch.long), scored[chunk].long()], 1)
             hidden = model.language_model(
@@ -262,11 +269,7 @@ def caption_likelihood_matrix(
             ).last_hidden_state  # (b, Lc, H)
             # Caption token 0 is predicted by the photo part's last position, token t + 1 by position t.
             states = torch.cat([first.last_hidden_state[:, -1:].expand(count, -1, -1), hidden[:, :-1]], 1)
-            keep = scored[chunk]
-            logits = states[keep] @ weight.T  # (N, V), scored positions only
-            log_probs = -functional.cross_entropy(logits.float(), padded[chunk][keep], reduction="none")
-            owner = keep.nonzero()[:, 0]
-            columns.append(torch.zeros(count, dtype=log_probs.dtype).index_add_(0, owner, log_probs))
+            columns.append(summed_log_probs(model, states, padded[chunk], scored[chunk]))
         rows.append(torch.cat(columns))
     return torch.stack(rows)
 
